@@ -1,0 +1,337 @@
+"""Typed run configuration: one YAML per run, dotted command-line overrides, strict validation.
+
+Every section is a pydantic model with ``extra="forbid"``: an unknown key, a wrong type or an
+out-of-range value fails on load with one line naming the key, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+STAGES = ("prepare", "generate", "score", "train", "evaluate", "promote")
+
+
+class ConfigError(ValueError):
+    """A run configuration that cannot be used; the message names file, key, value and rule."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+class ModelConfig(Section):
+    # "smollm2-135m-instruct" (bundled, real), "tiny" (random, for tests), a local Hugging Face
+    # folder, or a hub id (only when online).
+    base: str = "smollm2-135m-instruct"
+    max_length: int = Field(256, ge=16, le=131072, description="prompt + response tokens")
+    max_prompt_length: int = Field(128, ge=1, le=131072)
+    trust_remote_code: bool = False
+    # Pickle checkpoints (.bin/.pt) from user paths can run arbitrary code; safetensors only.
+    allow_pickle_weights: bool = False
+
+    @model_validator(mode="after")
+    def _prompt_fits(self) -> ModelConfig:
+        if self.max_prompt_length >= self.max_length:
+            raise ValueError(
+                f"max_prompt_length ({self.max_prompt_length}) must be < max_length "
+                f"({self.max_length}): no room left for the response"
+            )
+        return self
+
+
+class DataConfig(Section):
+    # vader-sentiment: the built-in controlled-sentiment task (human-rated movie-review
+    # snippets); prompts: a user prompt-only dataset; preference: a user preference dataset
+    # (TRL formats) taken straight to pairs, skipping generation.
+    task: Literal["vader-sentiment", "prompts", "preference"] = "vader-sentiment"
+    path: str | None = None
+    eval_path: str | None = None
+    drop_bad_rows: bool = False
+    instruction: str = "Continue this movie review: "
+    prompt_words: int = Field(6, ge=1, le=64, description="opening words of a snippet")
+    num_train_prompts: int = Field(256, ge=1)
+    num_eval_prompts: int = Field(64, ge=1)
+    num_test_prompts: int = Field(64, ge=1)
+    human_pair_min_gap: float = Field(1.0, gt=0, le=8, description="rating gap on the -4..4 scale")
+    num_human_pairs: int = Field(256, ge=0)
+    split_seed: int = 0
+
+    @model_validator(mode="after")
+    def _path_when_needed(self) -> DataConfig:
+        if self.task in ("prompts", "preference") and not self.path:
+            raise ValueError(f"task '{self.task}' needs data.path (a JSONL, Parquet or saved dataset)")
+        return self
+
+
+class GenerateConfig(Section):
+    backend: Literal["vllm", "transformers"] = "vllm"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    n: int = Field(4, ge=1, le=1024, description="samples per prompt")
+    temperature: float = Field(1.0, ge=0.0, le=10.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    max_tokens: int = Field(48, ge=1, le=65536)
+    seed: int = 0
+    batch_size: int = Field(16, ge=1, description="prompts per batch (transformers backend)")
+    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    tensor_parallel_size: int = Field(1, ge=1)
+    data_parallel_size: int = Field(1, ge=1)
+    kv_cache_gib: int = Field(1, ge=1, description="VLLM_CPU_KVCACHE_SPACE on CPU")
+    gpu_memory_utilization: float = Field(0.85, gt=0.0, le=1.0)
+    # Prompts longer than model.max_prompt_length: keep their end ("truncate") or stop ("fail").
+    long_prompts: Literal["truncate", "fail"] = "truncate"
+
+
+class ScorerConfig(Section):
+    kind: Literal["function", "reward_model", "judge"] = "function"
+    # module:function for kind=function; reward functions are only imported from here.
+    function: str = "pipeline.rewards:vader_sentiment"
+    model: str | None = None
+    batch_size: int = Field(32, ge=1)
+    # Rows whose reward raised or was NaN/inf: fail (default) or drop and count.
+    drop_invalid: bool = False
+
+    @model_validator(mode="after")
+    def _target(self) -> ScorerConfig:
+        if self.kind == "function" and ":" not in self.function:
+            raise ValueError(f"scorer.function must be 'module:function', got {self.function!r}")
+        if self.kind in ("reward_model", "judge") and not self.model:
+            raise ValueError(f"scorer kind '{self.kind}' needs scorer.model (a model folder)")
+        return self
+
+
+class DiceConfig(Section):
+    enabled: bool = False
+    # Length regularisation: select by score - alpha * length; "auto" picks alpha so the mean
+    # chosen and rejected lengths balance (DICE's grid search).
+    length_alpha: float | Literal["auto"] = "auto"
+    length_unit: Literal["chars", "tokens"] = "chars"
+    replay_fraction: float = Field(0.0, ge=0.0, le=1.0)
+    replay_path: str | None = None
+
+
+class ScoreConfig(Section):
+    scorer: ScorerConfig = ScorerConfig()
+    pair_strategy: Literal["best_vs_worst", "margin", "random"] = "best_vs_worst"
+    min_margin: float = Field(0.0, ge=0.0)
+    drop_ties: bool = True
+    drop_truncated: bool = True
+    dice: DiceConfig = DiceConfig()
+    reference_logps: Literal["transformers", "vllm", "none"] = "transformers"
+    batch_size: int = Field(8, ge=1, description="pairs per reference forward")
+    seed: int = 0
+
+
+class TrainConfig(Section):
+    objective: str = "dpo"
+    # None: the objective's own default (0.1 for DPO/TDPO, 2.0 for SimPO/RMiPO, ...).
+    beta: float | None = Field(None, gt=0.0)
+    # Other hyper-parameters by their original names (alpha, gamma_beta_ratio, variant, ...).
+    objective_args: dict[str, Any] = Field(default_factory=dict)
+    learning_rate: float = Field(5e-6, gt=0.0, le=1.0)
+    prior_learning_rate: float = Field(1e-2, gt=0.0, le=10.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    warmup_ratio: float = Field(0.1, ge=0.0, lt=1.0)
+    max_grad_norm: float = Field(1.0, gt=0.0)
+    epochs: int = Field(1, ge=1)
+    max_steps: int | None = Field(None, ge=1)
+    per_device_batch_size: int = Field(4, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    precision: Literal["bf16", "fp32"] = "bf16"
+    ds_config: str = "ds_configs/zero3.json"
+    gradient_checkpointing: bool = True
+    checkpoint_every: int = Field(50, ge=1, description="optimizer steps between checkpoints")
+    token_chunk_size: int = Field(1024, ge=1)
+    # Rounds of the marginal prior's maximum-likelihood step per policy step (objective "marginal").
+    marginal_prior_every: int = Field(1, ge=1)
+    nproc: int | Literal["auto"] = "auto"
+    seed: int = 0
+
+
+class EvaluateConfig(Section):
+    num_prompts: int | None = Field(None, ge=1, description="default: all test prompts")
+    n: int = Field(2, ge=1, description="samples per prompt")
+    baseline: Literal["reference", "champion"] = "reference"
+    bootstrap_samples: int = Field(1000, ge=10)
+    confidence: float = Field(0.95, gt=0.0, lt=1.0)
+
+
+class GateConfig(Section):
+    min_reward_gain: float = 0.0
+    max_kl: float | None = Field(None, ge=0.0)
+    min_human_accuracy: float | None = Field(None, ge=0.0, le=1.0)
+
+
+class PromoteConfig(Section):
+    registered_model: str = Field("midpo-policy", min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")
+    gate: GateConfig = GateConfig()
+    allow_foreign_versions: bool = False
+
+
+class TrackingConfig(Section):
+    # None: MLFLOW_TRACKING_URI if set, else a sqlite store under the run root.
+    uri: str | None = None
+    experiment: str = "midpo"
+
+
+class ClusterConfig(Section):
+    partition: str | None = None
+    nodes: int = Field(1, ge=1)
+    gpus_per_node: int = Field(0, ge=0)
+    cpus_per_task: int = Field(2, ge=1)
+    time: str = Field("01:00:00", pattern=r"^(\d+-)?\d{1,2}:\d{2}:\d{2}$")
+
+
+class RunConfig(Section):
+    name: str = Field("demo", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+    root: str = "runs"
+    cache_dir: str = "runs/_cache"
+    seed: int = 0
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    generate: GenerateConfig = GenerateConfig()
+    score: ScoreConfig = ScoreConfig()
+    train: TrainConfig = TrainConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    promote: PromoteConfig = PromoteConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    cluster: ClusterConfig | None = None
+
+    # Set by load_config, not by the YAML: where this config came from (for messages).
+    source: str | None = Field(None, exclude=True)
+
+    @field_validator("root", "cache_dir")
+    @classmethod
+    def _non_empty(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must be a non-empty path")
+        return v
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.root) / self.name
+
+
+def stage_config(cfg: RunConfig, stage: str) -> dict[str, Any]:
+    """The part of the config a stage's outputs depend on (its config hash covers exactly this)."""
+    c = cfg.model_dump(mode="json")
+    sections: dict[str, list[str]] = {
+        "prepare": ["model", "data"],
+        "generate": ["generate"],
+        "score": ["score"],
+        "train": ["train"],
+        "evaluate": ["evaluate", "generate"],
+        "promote": ["promote"],
+    }
+    if stage not in sections:
+        raise ConfigError(f"unknown stage {stage!r}; stages are {', '.join(STAGES)}")
+    out = {k: c[k] for k in sections[stage]}
+    out["seed"] = c["seed"]
+    if stage in ("generate", "score", "train", "evaluate"):
+        out["max_length"] = c["model"]["max_length"]
+        out["max_prompt_length"] = c["model"]["max_prompt_length"]
+    if stage == "score":
+        # TIS-DPO token weights are computed at scoring time.
+        out["objective"] = c["train"]["objective"]
+    if stage == "evaluate":
+        out["scorer"] = c["score"]["scorer"]
+    return out
+
+
+def config_hash(payload: Any) -> str:
+    blob = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node: Any = tree
+    for i, k in enumerate(keys[:-1]):
+        child = node.get(k)
+        if child is None:
+            child = node[k] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {dotted!r}: {'.'.join(keys[: i + 1])} is not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """'train.beta=0.2' -> ('train.beta', 0.2). Values are parsed as YAML scalars/lists."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key.sub=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {text!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({e})") from e
+    return key, value
+
+
+def _format_error(source: str, err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        if e["type"] == "literal_error" and "expected" in e.get("ctx", {}):
+            msg = f"must be one of {e['ctx']['expected']}"
+        given = e.get("input")
+        given_s = "" if isinstance(given, dict) else f" (got {given!r})"
+        lines.append(f"{source}: {loc or '<root>'}: {msg}{given_s}")
+    return "\n".join(lines)
+
+
+def load_config(path: str | os.PathLike[str], overrides: list[str] | None = None) -> RunConfig:
+    """Load a run YAML, apply dotted overrides, validate. Raises ConfigError with clear lines."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        tree = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{p}:{mark.line + 1}" if mark is not None else str(p)
+        raise ConfigError(f"{where}: invalid YAML ({getattr(e, 'problem', e)})") from e
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{p}: top level must be a mapping of sections")
+    for text in overrides or []:
+        key, value = parse_override(text)
+        _set_dotted(tree, key, value)
+    source = str(p) + (" + overrides" if overrides else "")
+    try:
+        cfg = RunConfig.model_validate(tree)
+    except ValidationError as e:
+        raise ConfigError(_format_error(source, e)) from None
+    cfg.source = str(p)
+    _check_objective(cfg, source)
+    return cfg
+
+
+def objective_kwargs(train: TrainConfig) -> dict[str, Any]:
+    kwargs = dict(train.objective_args)
+    if train.beta is not None:
+        if "beta" in kwargs:
+            raise ConfigError("set beta once: train.beta or train.objective_args.beta, not both")
+        kwargs["beta"] = train.beta
+    return kwargs
+
+
+def _check_objective(cfg: RunConfig, source: str) -> None:
+    """Validate train.objective and its hyper-parameters against the objectives library."""
+    from pipeline.objectives import make_objective
+
+    try:
+        make_objective(cfg.train.objective, **objective_kwargs(cfg.train))
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"{source}: train.objective={cfg.train.objective!r}: {e}") from None

@@ -1,0 +1,219 @@
+"""Run store: ``runs/<run>/<stage>/`` with a manifest, atomic outputs, skip / force / stale checks.
+
+A stage writes into a private ``.<stage>.partial`` folder; only when it finishes is the
+manifest written and the folder renamed into place. A killed or failed stage therefore never
+leaves a folder that looks complete: downstream stages look for a manifest whose status is
+``complete`` and whose recorded files are all present with their recorded sizes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import RunConfig, config_hash, stage_config
+
+MANIFEST = "manifest.json"
+
+
+class StageError(RuntimeError):
+    """A stage cannot run: missing, incomplete or stale upstream output, or bad input."""
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write a file so that readers see either the old content or the new, never a prefix."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_manifest(stage_dir: Path) -> dict[str, Any] | None:
+    """The manifest of a stage folder, or None when absent. A corrupt manifest is an error."""
+    path = stage_dir / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise StageError(f"{path}: corrupt manifest ({e}); rerun that stage with --force") from e
+    if not isinstance(data, dict) or "stage" not in data or "status" not in data:
+        raise StageError(f"{path}: corrupt manifest (missing 'stage' or 'status'); rerun with --force")
+    return data
+
+
+def code_version() -> str:
+    here = Path(__file__).resolve().parent.parent
+    try:
+        rev = subprocess.run(
+            ["git", "-C", str(here), "rev-parse", "--short", "HEAD"],
+            capture_output=True, text=True, timeout=5, check=False,
+        ).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        rev = ""
+    from pipeline import __version__
+
+    return f"{__version__}+{rev}" if rev else __version__
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+class StageRun:
+    """One execution of a stage: write outputs under ``self.dir``; ``record`` adds manifest info."""
+
+    def __init__(self, stage: str, work_dir: Path, final_dir: Path, skipped: bool) -> None:
+        self.stage = stage
+        self.dir = work_dir
+        self.final_dir = final_dir
+        self.skipped = skipped
+        self.info: dict[str, Any] = {}
+
+    def record(self, **info: Any) -> None:
+        self.info.update(info)
+
+
+class RunStore:
+    def __init__(self, cfg: RunConfig) -> None:
+        self.cfg = cfg
+        self.root = cfg.run_dir
+        self.is_writer = int(os.environ.get("RANK", "0")) == 0
+
+    # -- paths -----------------------------------------------------------------------------
+    def stage_dir(self, stage: str) -> Path:
+        return self.root / stage
+
+    def scratch_dir(self, stage: str) -> Path:
+        """Persistent per-stage work space (checkpoints) that survives kills; never an output."""
+        return self.root / f".{stage}.scratch"
+
+    def expected_hash(self, stage: str) -> str:
+        return config_hash(stage_config(self.cfg, stage))
+
+    # -- reading upstream ------------------------------------------------------------------
+    def complete_manifest(self, stage: str) -> dict[str, Any] | None:
+        """The manifest if the stage's output is complete and all its files are present."""
+        d = self.stage_dir(stage)
+        m = read_manifest(d)
+        if m is None or m.get("status") != "complete":
+            return None
+        for rel, meta in m.get("outputs", {}).items():
+            f = d / rel
+            if not f.is_file() or f.stat().st_size != meta["size"]:
+                return None
+        return m
+
+    def require(self, stage: str, *, check_stale: bool = True) -> dict[str, Any]:
+        """Manifest of a finished upstream stage; a clear error naming what to run otherwise."""
+        m = self.complete_manifest(stage)
+        where = self.stage_dir(stage)
+        if m is None:
+            raise StageError(
+                f"stage '{stage}' has no complete output in {where}: run `make {stage}` first"
+            )
+        if check_stale and m.get("config_hash") != self.expected_hash(stage):
+            raise StageError(
+                f"stage '{stage}' output in {where} is stale (its config changed since it ran): "
+                f"run `make {stage}` first"
+            )
+        return m
+
+    # -- writing ---------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def stage(
+        self, stage: str, inputs: list[str] | tuple[str, ...] = (), force: bool = False
+    ) -> Iterator[StageRun]:
+        """Run ``stage`` atomically; yields a StageRun whose ``skipped`` says it is up to date.
+
+        Only the writer (rank 0) may open a stage; other ranks share its results by path.
+        """
+        if not self.is_writer:
+            raise RuntimeError("only rank 0 writes stage outputs")
+        cfg_hash = self.expected_hash(stage)
+        input_hashes = {s: self.require(s)["output_hash"] for s in inputs}
+        final = self.stage_dir(stage)
+        current = self.complete_manifest(stage)
+        if (
+            not force
+            and current is not None
+            and current.get("config_hash") == cfg_hash
+            and current.get("input_hashes") == input_hashes
+        ):
+            print(f"[{stage}] up to date in {final} (config and inputs unchanged); skipping. "
+                  "Use --force to rerun.", file=sys.stderr)
+            yield StageRun(stage, final, final, skipped=True)
+            return
+
+        work = self.root / f".{stage}.partial"
+        if work.exists():
+            shutil.rmtree(work)  # leftovers of a killed run are never reused
+        work.mkdir(parents=True)
+        run = StageRun(stage, work, final, skipped=False)
+        started = _now()
+        try:
+            yield run
+        except BaseException:
+            shutil.rmtree(work, ignore_errors=True)
+            raise
+        outputs = {}
+        for f in sorted(p for p in work.rglob("*") if p.is_file()):
+            rel = f.relative_to(work).as_posix()
+            outputs[rel] = {"size": f.stat().st_size, "sha256": file_sha256(f)}
+        manifest = {
+            "stage": stage,
+            "status": "complete",
+            "run": self.cfg.name,
+            "config_hash": cfg_hash,
+            "config": stage_config(self.cfg, stage),
+            "input_hashes": input_hashes,
+            "outputs": outputs,
+            "output_hash": hashlib.sha256(
+                json.dumps({k: v["sha256"] for k, v in outputs.items()}, sort_keys=True).encode()
+            ).hexdigest()[:16],
+            "code_version": code_version(),
+            "started": started,
+            "finished": _now(),
+            **run.info,
+        }
+        atomic_write_json(work / MANIFEST, manifest)
+        self._swap_into_place(work, final)
+
+    @staticmethod
+    def _swap_into_place(work: Path, final: Path) -> None:
+        # Rename the old output aside first: between the renames there is no stage folder at
+        # all (downstream sees "missing", never a mix of old and new files).
+        old = final.with_name(f".{final.name}.old")
+        if old.exists():
+            shutil.rmtree(old)
+        if final.exists():
+            os.replace(final, old)
+        os.replace(work, final)
+        shutil.rmtree(old, ignore_errors=True)
