@@ -222,10 +222,10 @@ def validate_rows(records: list[tuple[str, dict[str, Any]]], kind: str, drop_bad
     bad: list[str] = []
     for where, row in records:
         try:
-            if "__error__" in row:
-                raise DataError(row["__error__"])
             if not isinstance(row, dict):
                 raise DataError(f"expected an object, got {type(row).__name__}")
+            if "__error__" in row:
+                raise DataError(row["__error__"])
             _text(row, "prompt", role="user")
             out: dict[str, Any] = {"prompt": _messages(row)}
             if kind == "preference":

@@ -188,8 +188,10 @@ def _download_hub_model(repo_id: str, cache_dir: Path, allow_pickle: bool) -> Pa
     if allow_pickle:
         patterns.append("*.bin")
     dest = cache_dir / "models" / repo_id.replace("/", "--")
-    _atomic_folder(dest, lambda tmp: snapshot_download(repo_id, local_dir=tmp,
-                                                         allow_patterns=patterns))
+    def build(tmp: Path) -> None:
+        snapshot_download(repo_id, local_dir=tmp, allow_patterns=patterns)
+
+    _atomic_folder(dest, build)
     return check_model_folder(dest, allow_pickle=allow_pickle)
 
 

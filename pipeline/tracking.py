@@ -65,11 +65,11 @@ def setup(cfg: RunConfig) -> Any:
     client = mlflow.MlflowClient()
     exp = client.get_experiment_by_name(cfg.tracking.experiment)
     if exp is None:
-        kwargs = {}
+        location = None
         if uri.startswith("sqlite:"):
-            kwargs["artifact_location"] = artifact_root(cfg) + "/" + cfg.tracking.experiment
+            location = artifact_root(cfg) + "/" + cfg.tracking.experiment
         with contextlib.suppress(Exception):  # a concurrent stage may have created it
-            client.create_experiment(cfg.tracking.experiment, **kwargs)
+            client.create_experiment(cfg.tracking.experiment, artifact_location=location)
     mlflow.set_experiment(cfg.tracking.experiment)
     return mlflow
 
