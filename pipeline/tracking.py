@@ -108,6 +108,20 @@ def stage_run(cfg: RunConfig, stage: str, params: dict[str, Any] | None = None) 
             yield run
 
 
+_SECRET_WORDS = ("token", "secret", "password", "passwd", "api_key", "apikey", "credential")
+
+
+def redact(key: str, value: Any) -> str:
+    """Never log secrets as params: secret-looking keys and credentials inside URIs are masked."""
+    text = str(value)
+    if any(w in key.lower() for w in _SECRET_WORDS):
+        return "***"
+    parsed = urllib.parse.urlparse(text)
+    if parsed.scheme and parsed.password:
+        text = text.replace(f":{parsed.password}@", ":***@")
+    return text
+
+
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in tree.items():
@@ -115,5 +129,5 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         if isinstance(v, dict):
             out.update(_flatten(v, key + "."))
         else:
-            out[key] = str(v)[:500]
+            out[key] = redact(key, v)[:500]
     return out
