@@ -76,9 +76,10 @@ def _rescaled_activation(activation: Tensor, mask: Tensor) -> Tensor:
 def activation_token_masks(hidden: Tensor, mask: Tensor) -> Tensor:
     """Masks from reference activations: mean over hidden units, rescaled per layer, layer mean.
 
-    hidden [B, T, H] or [B, T, L, H], mask [B, T] bool -> [B, T] float32 in [0, 1], no gradient.
+    hidden [B, T, H] or [B, T, L, H], mask [B, T] bool -> [B, T] float64 in [0, 1], no gradient.
+    Computed in float64 (the rescaling subtracts nearly equal numbers).
     """
-    activation = hidden.float().mean(dim=-1)  # [B, T] or [B, T, L]
+    activation = hidden.mean(dim=-1, dtype=torch.float64)  # [B, T] or [B, T, L]
     if activation.dim() == 2:
         return _rescaled_activation(activation, mask)
     layers = [_rescaled_activation(activation[..., i], mask) for i in range(activation.shape[-1])]
