@@ -72,6 +72,8 @@ class DataConfig(Section):
 
 class GenerateConfig(Section):
     backend: Literal["vllm", "transformers"] = "vllm"
+    # Folder to sample from: None = prepare's base model; later rounds: a train stage's export.
+    model: str | None = None
     device: Literal["auto", "cpu", "cuda"] = "auto"
     n: int = Field(4, ge=1, le=1024, description="samples per prompt")
     temperature: float = Field(1.0, ge=0.0, le=10.0)
@@ -86,6 +88,10 @@ class GenerateConfig(Section):
     gpu_memory_utilization: float = Field(0.85, gt=0.0, le=1.0)
     # Prompts longer than model.max_prompt_length: keep their end ("truncate") or stop ("fail").
     long_prompts: Literal["truncate", "fail"] = "truncate"
+    # vLLM context length; None = the model's own (max_position_embeddings).
+    max_model_len: int | None = Field(None, ge=16)
+    # Prompts per resumable unit: each finished chunk is kept in scratch until the stage ends.
+    chunk_size: int = Field(256, ge=1)
 
 
 class ScorerConfig(Section):
@@ -96,6 +102,11 @@ class ScorerConfig(Section):
     batch_size: int = Field(32, ge=1)
     # Rows whose reward raised or was NaN/inf: fail (default) or drop and count.
     drop_invalid: bool = False
+    # Reward model / judge inputs longer than this many tokens are an error.
+    max_length: int = Field(1024, ge=16)
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # Judge prompt with {prompt}, {response_a}, {response_b}; None = the built-in one.
+    judge_template: str | None = None
 
     @model_validator(mode="after")
     def _target(self) -> ScorerConfig:
@@ -112,8 +123,14 @@ class DiceConfig(Section):
     # chosen and rejected lengths balance (DICE's grid search).
     length_alpha: float | Literal["auto"] = "auto"
     length_unit: Literal["chars", "tokens"] = "chars"
-    replay_fraction: float = Field(0.0, ge=0.0, le=1.0)
+    replay_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="share of final pairs")
+    # Preference dataset to replay (TRL formats); None = prepare's preference.parquet (task
+    # 'preference' only: the built-in task's human pairs are held-out evaluation data).
     replay_path: str | None = None
+    # Implicit reward beta * (log pi_policy(y|x) - log pi_ref(y|x)); the policy is the model that
+    # generated (generate.model or the base), unless policy_model names another folder.
+    beta: float = Field(0.1, gt=0.0)
+    policy_model: str | None = None
 
 
 class ScoreConfig(Section):
@@ -126,6 +143,32 @@ class ScoreConfig(Section):
     reference_logps: Literal["transformers", "vllm", "none"] = "transformers"
     batch_size: int = Field(8, ge=1, description="pairs per reference forward")
     seed: int = 0
+    # Reference model folder: None = prepare's base model (later rounds: the round's reference).
+    reference_model: str | None = None
+    reference_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # TIS-DPO contrastive models (objective tisdpo): None = the generating policy (positive) and
+    # the reference (negative).
+    tisdpo_positive_model: str | None = None
+    tisdpo_negative_model: str | None = None
+    # Score -> weight transform (pipeline.objectives.tisdpo_weights): clamp the log-prob
+    # difference to [-1.5, 1.5] and map it onto weights in [0.7, 1.3] by default.
+    tisdpo_transform: str = "threshold_and_scale"
+    tisdpo_transform_params: dict[str, float] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _tisdpo_transform(self) -> ScoreConfig:
+        from pipeline.objectives.tisdpo_weights import TRANSFORM_DEFAULTS
+
+        allowed = TRANSFORM_DEFAULTS.get(self.tisdpo_transform)
+        if allowed is None:
+            raise ValueError(f"tisdpo_transform must be one of {sorted(TRANSFORM_DEFAULTS)}, "
+                             f"got {self.tisdpo_transform!r}")
+        unknown = sorted(set(self.tisdpo_transform_params) - set(allowed))
+        if unknown:
+            raise ValueError(f"tisdpo_transform_params: unknown {unknown} for "
+                             f"{self.tisdpo_transform!r}; expected {sorted(allowed)}")
+        return self
 
 
 class TrainConfig(Section):
@@ -204,6 +247,14 @@ class RunConfig(Section):
     cluster: ClusterConfig | None = None
 
     # Set by load_config, not by the YAML: where this config came from (for messages).
+    # Held-out prompts to sample on (prepare's split; "test" is never used for model selection).
+    split: Literal["test", "eval"] = "test"
+    num_human_pairs: int | None = Field(None, ge=1, description="default: all human pairs")
+    # Training pairs whose chosen log-prob change is measured (likelihood displacement); 0: skip.
+    num_train_pairs: int = Field(64, ge=0)
+    batch_size: int = Field(8, ge=1, description="sequences per log-prob forward")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     source: str | None = Field(None, exclude=True)
 
     @field_validator("root", "cache_dir")
@@ -216,6 +267,8 @@ class RunConfig(Section):
     @property
     def run_dir(self) -> Path:
         return Path(self.root) / self.name
+    # Seconds to wait for another promotion of the same registered model to finish.
+    lock_timeout_s: float = Field(600.0, gt=0.0)
 
 
 def stage_config(cfg: RunConfig, stage: str) -> dict[str, Any]:
