@@ -1,0 +1,408 @@
+"""Sampling K responses per prompt: a vLLM backend and a transformers ``generate`` backend.
+
+Both backends take prompt token ids and one seed per prompt and return, per prompt, K
+``Completion``s (token ids with EOS kept when the sample stopped, finish reason, the raw model
+log-prob of every sampled token). Text is decoded by the caller with the same tokenizer for both,
+so the two backends produce the same schema and differ only in the random draws.
+
+Seeds: every prompt gets its own seed derived from (run seed, prompt id), so a prompt's samples
+do not depend on batch composition, chunking or on a resumed run (same backend, same machine).
+The transformers backend samples every row with its own ``torch.Generator`` inside a logits
+processor for the same reason (``generate``'s own sampling draws from one global stream).
+
+Log-probs are the model's raw distribution (before temperature / top-p), vLLM's default
+``raw_logprobs`` mode; at temperature 1 and top-p 1 they are the sampling probabilities.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from pipeline.data import DataError
+from pipeline.models import ModelError, check_model_folder, load_causal_lm, load_tokenizer
+
+
+class GenerationError(DataError):
+    """Bad generation input (empty or over-long prompts); the message names file and rows."""
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    n: int
+    temperature: float
+    top_p: float
+    max_tokens: int
+    seed: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class Completion:
+    token_ids: list[int]
+    finish_reason: str  # "stop" (EOS sampled, kept in token_ids) or "length"
+    logprobs: list[float]  # raw model log-prob of each sampled token
+
+
+class Sampler(Protocol):
+    """One model loaded for sampling. ``sample`` returns, per prompt, ``settings.n`` completions."""
+
+    backend: str
+
+    def sample(self, prompts: Sequence[list[int]], seeds: Sequence[int],
+               settings: SamplingSettings) -> list[list[Completion]]: ...
+
+
+def prompt_seed(seed: int, prompt_id: str) -> int:
+    """A 31-bit seed for one prompt, stable across runs, chunkings and backends."""
+    digest = hashlib.sha256(f"{seed}:{prompt_id}".encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+def resolve_device(device: str) -> str:
+    """'auto' -> 'cuda' when a GPU is visible, else 'cpu'."""
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def check_sampling_model(path: str | Path) -> Path:
+    """A model folder usable for sampling; ModelError naming what is missing otherwise."""
+    return check_model_folder(Path(path))
+
+
+def model_fingerprint(path: str | Path) -> str:
+    """Cheap identity of a model folder's contents (names, sizes, mtimes; no hashing of GBs),
+    so a re-exported model at the same path is noticed."""
+    folder = Path(path)
+    entries = sorted(
+        (f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in folder.iterdir() if f.is_file()
+    )
+    return hashlib.sha256(repr(entries).encode()).hexdigest()[:16]
+
+
+# -- prompt preparation -------------------------------------------------------------------------
+@dataclass
+class PreparedPrompts:
+    token_ids: list[list[int]]
+    texts: list[str]  # decoded from the (possibly truncated) ids when truncated
+    truncated: list[bool]
+
+
+def prepare_prompts(tokenizer: Any, prompt_ids: Sequence[str], prompts: Sequence[str],
+                    prompt_texts: Sequence[str], max_prompt_length: int, long_prompts: str,
+                    source: str) -> PreparedPrompts:
+    """Tokenise chat-rendered prompts once; reject empty ones; truncate or reject long ones.
+
+    Truncation keeps the prompt's end (the generation prompt and the latest text) and drops
+    its start; the token ids are then authoritative and ``texts`` is their decoding.
+    """
+    empty = [pid for pid, p, t in zip(prompt_ids, prompts, prompt_texts, strict=True)
+             if not (p or "").strip() or not (t or "").strip()]
+    if empty:
+        raise GenerationError(
+            f"{len(empty)} empty prompt(s) in {source}: prompt_id {', '.join(empty[:10])}"
+            + (" ..." if len(empty) > 10 else "")
+        )
+    encoded = tokenizer(list(prompt_texts), add_special_tokens=False)["input_ids"]
+    too_long = [(pid, len(ids)) for pid, ids in zip(prompt_ids, encoded, strict=True)
+                if len(ids) > max_prompt_length]
+    if too_long and long_prompts == "fail":
+        shown = ", ".join(f"{pid} ({n} tokens)" for pid, n in too_long[:10])
+        raise GenerationError(
+            f"{len(too_long)} prompt(s) in {source} exceed model.max_prompt_length="
+            f"{max_prompt_length}: {shown}. Set generate.long_prompts=truncate to keep their end"
+        )
+    ids_out, texts_out, truncated = [], [], []
+    for ids, text in zip(encoded, prompt_texts, strict=True):
+        if len(ids) > max_prompt_length:
+            ids = ids[-max_prompt_length:]
+            text = tokenizer.decode(ids, skip_special_tokens=False)
+            truncated.append(True)
+        else:
+            truncated.append(False)
+        ids_out.append(list(ids))
+        texts_out.append(text)
+    return PreparedPrompts(ids_out, texts_out, truncated)
+
+
+# -- transformers backend ------------------------------------------------------------------------
+def eos_token_ids(model_dir: Path, tokenizer: Any) -> list[int]:
+    """EOS ids from the generation config (may be a list) and the tokenizer."""
+    from transformers import GenerationConfig
+
+    ids: set[int] = set()
+    try:
+        gen = GenerationConfig.from_pretrained(str(model_dir))
+        eos = gen.eos_token_id
+        ids.update([eos] if isinstance(eos, int) else (eos or []))
+    except OSError:
+        pass
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    return sorted(ids)
+
+
+def _seeded_sampling_processor(generators: list[Any], temperature: float, top_p: float) -> Any:
+    """A logits processor that samples every row with its own generator (temperature, top-p)
+    and returns scores where only the sampled token is finite, so greedy decoding emits it."""
+    import torch
+    from transformers import LogitsProcessor
+
+    class SeededSampling(LogitsProcessor):
+        def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+            probs = torch.softmax(scores.float() / temperature, dim=-1)
+            if top_p < 1.0:
+                sorted_p, order = probs.sort(dim=-1, descending=True)
+                # Keep the smallest prefix whose mass reaches top_p (the top token always).
+                drop = sorted_p.cumsum(-1) - sorted_p >= top_p
+                sorted_p = sorted_p.masked_fill(drop, 0.0)
+                probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+            picked = torch.stack([torch.multinomial(probs[i], 1, generator=g)[0]
+                                  for i, g in enumerate(generators)])
+            out = torch.full_like(scores, float("-inf"))
+            out[torch.arange(scores.shape[0], device=scores.device), picked] = 0.0
+            return out
+
+    return SeededSampling()
+
+
+class TransformersSampler:
+    """``model.generate`` on left-padded batches of prompts, each repeated n times."""
+
+    backend = "transformers"
+
+    def __init__(self, model_dir: Path, dtype: str = "float32", device: str = "auto",
+                 trust_remote_code: bool = False, allow_pickle: bool = False) -> None:
+        self.device = resolve_device(device)
+        self.tokenizer = load_tokenizer(model_dir, trust_remote_code=trust_remote_code)
+        self.model = load_causal_lm(model_dir, dtype=dtype, trust_remote_code=trust_remote_code,
+                                    allow_pickle=allow_pickle).to(self.device).eval()
+        self.eos_ids = eos_token_ids(model_dir, self.tokenizer)
+        self.pad_id = int(self.tokenizer.pad_token_id)
+
+    def sample(self, prompts: Sequence[list[int]], seeds: Sequence[int],
+               settings: SamplingSettings) -> list[list[Completion]]:
+        import torch
+        from transformers import GenerationConfig, LogitsProcessorList
+
+        n = settings.n
+        rows = [p for p in prompts for _ in range(n)]
+        width = max(len(r) for r in rows)
+        input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        attention = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):  # left padding: every row's last prompt token aligns
+            input_ids[i, width - len(r):] = torch.tensor(r)
+            attention[i, width - len(r):] = 1
+        greedy = settings.temperature == 0.0
+        processors = LogitsProcessorList()
+        if not greedy:
+            gens = [torch.Generator(device=self.device).manual_seed(s * 1024 + k)
+                    for s in seeds for k in range(n)]
+            processors.append(_seeded_sampling_processor(gens, settings.temperature,
+                                                         settings.top_p))
+        # A fresh config: the model's own sampling defaults (top_k, repetition penalty, ...)
+        # must not change what the run config asked for.
+        gen_cfg = GenerationConfig(
+            do_sample=False, max_new_tokens=settings.max_tokens, eos_token_id=self.eos_ids,
+            pad_token_id=self.pad_id, output_logits=True, return_dict_in_generate=True,
+        )
+        with torch.inference_mode():
+            out = self.model.generate(
+                input_ids=input_ids.to(self.device), attention_mask=attention.to(self.device),
+                generation_config=gen_cfg, logits_processor=processors,
+            )
+        new_tokens = out.sequences[:, width:].cpu()
+        logits = torch.stack(out.logits, dim=1).float()  # [rows, steps, vocab], raw
+        logps = torch.log_softmax(logits, dim=-1).gather(
+            -1, new_tokens[:, : logits.shape[1]].unsqueeze(-1).to(logits.device)
+        ).squeeze(-1).cpu()
+        eos = set(self.eos_ids)
+        completions: list[Completion] = []
+        for i in range(len(rows)):
+            ids = new_tokens[i].tolist()
+            stop = next((t for t, tok in enumerate(ids) if tok in eos), None)
+            end = len(ids) if stop is None else stop + 1
+            completions.append(Completion(
+                token_ids=ids[:end], finish_reason="length" if stop is None else "stop",
+                logprobs=[float(x) for x in logps[i, :end]],
+            ))
+        return [completions[j * n:(j + 1) * n] for j in range(len(prompts))]
+
+
+# -- vLLM backend ---------------------------------------------------------------------------------
+_ENGINE: dict[str, Any] = {}  # at most one live engine: {"key": ..., "llm": ...}
+
+
+def vllm_engine(model_dir: Path, *, dtype: str = "bfloat16", seed: int = 0, device: str = "auto",
+                tensor_parallel_size: int = 1, data_parallel_size: int = 1,
+                max_model_len: int | None = None, gpu_memory_utilization: float = 0.85,
+                kv_cache_gib: int = 1, trust_remote_code: bool = False) -> Any:
+    """A vLLM ``LLM`` for a local folder, reused while the settings stay the same.
+
+    Keeps one engine per process (a second model replaces the first) so a process that
+    generates and then scores with the same model pays the ~15-30 s start once.
+    """
+    check_sampling_model(model_dir)
+    on_cpu = resolve_device(device) == "cpu"
+    kwargs: dict[str, Any] = dict(
+        model=str(model_dir), tokenizer=str(model_dir), dtype=dtype, seed=seed,
+        tensor_parallel_size=tensor_parallel_size, max_model_len=max_model_len,
+        trust_remote_code=trust_remote_code,
+        # CUDA graphs / torch.compile are GPU-only speed-ups; on CPU eager mode is required.
+        enforce_eager=on_cpu,
+    )
+    if data_parallel_size > 1:
+        kwargs["data_parallel_size"] = data_parallel_size
+    if not on_cpu:
+        kwargs["gpu_memory_utilization"] = gpu_memory_utilization
+    key = repr(sorted(kwargs.items()))
+    if _ENGINE.get("key") == key:
+        return _ENGINE["llm"]
+    release_vllm_engine()
+    if on_cpu:
+        os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(kv_cache_gib)
+    os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
+    from vllm import LLM
+
+    print(f"[vllm] starting engine for {model_dir} (dtype {dtype})", file=sys.stderr)
+    llm = LLM(**kwargs)
+    _ENGINE.update(key=key, llm=llm)
+    return llm
+
+
+def release_vllm_engine() -> None:
+    """Shut down the cached engine (frees its memory and worker processes)."""
+    llm = _ENGINE.pop("llm", None)
+    _ENGINE.pop("key", None)
+    if llm is None:
+        return
+    import gc
+
+    engine = getattr(llm, "llm_engine", None)
+    shutdown = getattr(getattr(engine, "engine_core", None), "shutdown", None)
+    if callable(shutdown):
+        shutdown()
+    del llm
+    gc.collect()
+
+
+class VLLMSampler:
+    backend = "vllm"
+
+    def __init__(self, llm: Any) -> None:
+        self.llm = llm
+
+    def sample(self, prompts: Sequence[list[int]], seeds: Sequence[int],
+               settings: SamplingSettings) -> list[list[Completion]]:
+        from vllm import SamplingParams
+
+        params = [
+            SamplingParams(n=settings.n, temperature=settings.temperature, top_p=settings.top_p,
+                           max_tokens=settings.max_tokens, seed=seed, logprobs=0)
+            for seed in seeds
+        ]
+        requests = [{"prompt_token_ids": list(p)} for p in prompts]
+        outputs = self.llm.generate(requests, params, use_tqdm=False)
+        result = []
+        for out in outputs:
+            comps = []
+            for c in sorted(out.outputs, key=lambda c: c.index):
+                ids = list(c.token_ids)
+                lps = [float(step[tok].logprob) for step, tok in zip(c.logprobs, ids, strict=True)]
+                reason = "stop" if c.finish_reason == "stop" else "length"
+                comps.append(Completion(token_ids=ids, finish_reason=reason, logprobs=lps))
+            result.append(comps)
+        return result
+
+
+# -- running a sampler over many prompts ----------------------------------------------------------
+def generate_rows(sampler: Sampler, tokenizer: Any, rows: Sequence[dict[str, Any]],
+                  prompts: PreparedPrompts, settings: SamplingSettings, batch_size: int,
+                  chunk_size: int, load_chunk: Callable[[int], list[dict[str, Any]] | None],
+                  save_chunk: Callable[[int, list[dict[str, Any]]], None],
+                  ) -> Iterator[tuple[int, int]]:
+    """Sample every prompt in chunks (resumable units), yielding (prompts, tokens) progress.
+
+    ``load_chunk(i)`` returns a finished chunk from an earlier, killed run (or None);
+    ``save_chunk(i, rows)`` keeps a finished chunk. The caller reassembles chunks in order.
+    """
+    seeds = [prompt_seed(settings.seed, r["prompt_id"]) for r in rows]
+    # vLLM schedules a whole chunk at once (continuous batching); transformers goes in batches.
+    step = chunk_size if sampler.backend == "vllm" else batch_size
+    for c, start in enumerate(range(0, len(rows), chunk_size)):
+        stop = min(start + chunk_size, len(rows))
+        done = load_chunk(c)
+        if done is not None:
+            yield stop - start, sum(len(t) for r in done for t in r["response_token_ids"])
+            continue
+        chunk_rows: list[dict[str, Any]] = []
+        for b in range(start, stop, step):
+            e = min(b + step, stop)
+            completions = sampler.sample(prompts.token_ids[b:e], seeds[b:e], settings)
+            for i, comps in zip(range(b, e), completions, strict=True):
+                chunk_rows.append(sample_row(rows[i], prompts.token_ids[i], prompts.texts[i],
+                                             comps, tokenizer))
+            yield e - b, sum(len(c.token_ids) for comps in completions for c in comps)
+        save_chunk(c, chunk_rows)
+
+
+def sample_row(row: dict[str, Any], prompt_ids: list[int], prompt_text: str,
+               completions: list[Completion], tokenizer: Any) -> dict[str, Any]:
+    """One output row (the generate stage's samples.parquet schema)."""
+    return {
+        "prompt_id": str(row["prompt_id"]),
+        "prompt": row["prompt"],
+        "prompt_text": prompt_text,
+        "prompt_token_ids": list(prompt_ids),
+        "responses": [tokenizer.decode(c.token_ids, skip_special_tokens=True)
+                      for c in completions],
+        "response_token_ids": [list(c.token_ids) for c in completions],
+        "finish_reasons": [c.finish_reason for c in completions],
+        "sampling_logprobs": [list(c.logprobs) for c in completions],
+    }
+
+
+def make_sampler(backend: str, model_dir: Path, *, dtype: str, device: str, seed: int,
+                 tensor_parallel_size: int = 1, data_parallel_size: int = 1,
+                 max_model_len: int | None = None, gpu_memory_utilization: float = 0.85,
+                 kv_cache_gib: int = 1, trust_remote_code: bool = False,
+                 allow_pickle: bool = False) -> Sampler:
+    check_sampling_model(model_dir)
+    if backend == "transformers":
+        return TransformersSampler(model_dir, dtype=dtype, device=device,
+                                   trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+    if backend == "vllm":
+        llm = vllm_engine(model_dir, dtype=dtype, seed=seed, device=device,
+                          tensor_parallel_size=tensor_parallel_size,
+                          data_parallel_size=data_parallel_size, max_model_len=max_model_len,
+                          gpu_memory_utilization=gpu_memory_utilization,
+                          kv_cache_gib=kv_cache_gib, trust_remote_code=trust_remote_code)
+        return VLLMSampler(llm)
+    raise ModelError(f"unknown generate.backend {backend!r}")
+
+
+class Throughput:
+    """Tokens/s over a run, for progress bars and the manifest."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.tokens = 0
+
+    def add(self, tokens: int) -> float:
+        self.tokens += tokens
+        return self.rate
+
+    @property
+    def rate(self) -> float:
+        return self.tokens / max(time.perf_counter() - self.start, 1e-9)
