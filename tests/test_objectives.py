@@ -641,6 +641,9 @@ def test_requires_and_reference_needs() -> None:
         assert objective.requires == fields, name
         assert objective.needs_reference_distribution is distribution, name
         assert objective.name == name
+    rmipo = make_objective("rmipo")
+    assert rmipo.accepts == rmipo.requires | {"chosen_marginal_mask", "rejected_marginal_mask"}
+    assert make_objective("dpo").accepts == make_objective("dpo").requires
     sparse = make_objective("sparsepo", hidden_size=4)
     assert {"chosen_ref_hidden", "chosen_kl"} <= sparse.requires and sparse.needs_reference_hidden
     assert make_objective("tisdpo", token_level=True).needs_reference_distribution

@@ -240,3 +240,13 @@ def test_bad_inputs() -> None:
         token_stats(hidden, labels, head)
     with pytest.raises(ValueError, match="temperature"):
         token_stats(hidden[0], labels[0], head, temperature=0.0)
+
+
+def test_no_response_tokens_gives_zeros_and_backward_works() -> None:
+    hidden, _, labels, mask = _inputs(8)
+    head, _ = _heads(8)
+    h = hidden.clone().requires_grad_()
+    stats = response_token_stats(h, labels, torch.zeros_like(mask), head)
+    assert bool((stats.logps == 0).all())
+    stats.logps.sum().backward()
+    assert h.grad is not None and bool((h.grad == 0).all())

@@ -92,6 +92,11 @@ class MIDPOObjective(nn.Module):
         return field_names(set().union(*(term.needs for term in self.terms)))
 
     @property
+    def accepts(self) -> frozenset[str]:
+        """`requires` plus optional fields read when given (e.g. chosen_marginal_mask)."""
+        return self.requires | field_names(set().union(*(term.optional for term in self.terms)))
+
+    @property
     def needs_reference_distribution(self) -> bool:
         """True if the live reference model is needed per step (full-vocabulary KL)."""
         return bool(self.requires & _REFERENCE_DISTRIBUTION_FIELDS)

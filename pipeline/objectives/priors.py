@@ -72,8 +72,9 @@ class PriorTerm(nn.Module):
     """Base class: one additive term of log zeta. Subclasses set `kind` and `needs`."""
 
     kind: ClassVar[str] = ""
-    # Generic input names this term reads (keys of batch.SIDE_FIELDS).
+    # Generic input names this term reads (keys of batch.SIDE_FIELDS): required, and read if given.
     needs: frozenset[str] = frozenset()
+    optional: frozenset[str] = frozenset()
 
     def forward(  # noqa: D102
         self, chosen: ResponseSide, rejected: ResponseSide
@@ -339,6 +340,7 @@ class MarginalPrior(ResponsePrior):
 
     kind = "marginal"
     needs = frozenset({"marginal_logps"})
+    optional = frozenset({"marginal_mask"})
 
     def log_prior(self, side: ResponseSide) -> Tensor:
         return side.total(side.tokens("marginal_logps", _marginal_mask(side))).detach()
@@ -368,6 +370,7 @@ class PMIMargin(PriorTerm):
 
     kind = "pmi_margin"
     needs = frozenset({"marginal_logps"})
+    optional = frozenset({"marginal_mask"})
 
     def __init__(self, gamma_min: float = 0.3, gamma_max: float = 1.6) -> None:
         super().__init__()

@@ -170,7 +170,9 @@ def token_stats(
     if chunks:
         columns = [torch.cat([c[i] for c in chunks]) for i in range(n_outputs)]
     else:
-        columns = [hidden.new_zeros(0, dtype=torch.float32) for _ in range(n_outputs)]
+        # No tokens: empty results, still attached to the graph so backward() works.
+        empty = hidden.sum(dim=-1).float()
+        columns = [empty for _ in range(n_outputs)]
     logps = columns.pop(0)
     ref_logps = columns.pop(0) if with_ref else None
     kl_values = columns.pop(0) if want_kl else None
