@@ -10,7 +10,7 @@ match to 2^-7 relative.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -25,6 +25,16 @@ from pipeline.objectives import (
     make_objective,
     objective_hyperparameters,
 )
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    # Tiny tensors: intra-op threads only add contention on a shared 2-core machine.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 
 GRAD_FIELDS = (
     "chosen_logps",

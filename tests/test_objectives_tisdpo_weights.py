@@ -3,12 +3,23 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator
 
 import pytest
 import torch
 
 from pipeline.objectives import PairBatch, contrastive_token_weights, make_objective
 from pipeline.objectives.tisdpo_weights import transform_scores
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    # Tiny tensors: intra-op threads only add contention on a shared 2-core machine.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 
 # --- the reference transforms, written as plain Python over lists (preference_datasets.py) ----
 

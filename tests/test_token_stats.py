@@ -11,6 +11,16 @@ from torch import Tensor, nn
 
 from pipeline.objectives import linear_head, response_token_stats, sequence_logps, token_stats
 
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    # Tiny tensors: intra-op threads only add contention on a shared 2-core machine.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 H, V = 16, 37
 
 
