@@ -191,10 +191,29 @@ class TrainConfig(Section):
     gradient_checkpointing: bool = True
     checkpoint_every: int = Field(50, ge=1, description="optimizer steps between checkpoints")
     token_chunk_size: int = Field(1024, ge=1)
-    # Rounds of the marginal prior's maximum-likelihood step per policy step (objective "marginal").
+    # The marginal prior model takes one maximum-likelihood step after every this many policy
+    # steps (objective "marginal" with its prompt-free model).
     marginal_prior_every: int = Field(1, ge=1)
     nproc: int | Literal["auto"] = "auto"
     seed: int = 0
+    # Policy's starting weights: None = the model that generated the pairs (generate.model, else
+    # prepare's base model); later rounds: the previous round's train export.
+    init_model: str | None = None
+    # Frozen reference: None = the score stage's (score.reference_model, else the base model).
+    reference_model: str | None = None
+    # Reference log-probs: "auto" uses pairs.parquet's precomputed ones when the objective needs
+    # only token log-probs and the reference is the score stage's; "live" always runs the
+    # reference engine; "precomputed" fails when they cannot be used.
+    reference: Literal["auto", "live", "precomputed"] = "auto"
+    lr_scheduler: Literal["linear", "cosine", "constant"] = "linear"
+    # The marginal prior model's learning rate (objective "marginal"); None = learning_rate.
+    marginal_prior_learning_rate: float | None = Field(None, gt=0.0, le=1.0)
+    # Sort pairs by length within shuffled windows of this many global batches (less padding);
+    # 1 = no bucketing beyond the global batch.
+    bucket_window: int = Field(16, ge=1)
+    keep_checkpoints: int = Field(1, ge=1, description="checkpoints kept in scratch")
+    # Process-group timeout: must cover the longest rank-0-only work (export, MLflow logging).
+    dist_timeout_minutes: float = Field(60.0, gt=0.0)
 
 
 class EvaluateConfig(Section):
