@@ -52,6 +52,24 @@ def _check_reachable(uri: str, timeout: float = 5.0) -> None:
         raise TrackingError(f"MLflow tracking server {uri} is unreachable ({e})") from None
 
 
+def _create_sqlite_store(db: Path) -> None:
+    """Create and migrate a new sqlite store beside its path, then rename it into place: a
+    process killed during MLflow's table migrations must not leave a half-migrated database
+    that fails every later stage ("table _alembic_tmp_... already exists")."""
+    if db.exists():
+        return
+    import mlflow
+
+    tmp = db.with_name(f".{db.name}.tmp-{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    try:
+        mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp}").search_experiments(max_results=1)
+        if not db.exists():
+            os.replace(tmp, db)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def setup(cfg: RunConfig) -> Any:
     """Point mlflow at the run's tracking store and experiment; return the mlflow module."""
     import mlflow
@@ -60,6 +78,7 @@ def setup(cfg: RunConfig) -> Any:
     _check_reachable(uri)
     if uri.startswith("sqlite:///"):
         Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+        _create_sqlite_store(Path(uri[len("sqlite:///"):]))
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     client = mlflow.MlflowClient()
