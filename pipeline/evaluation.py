@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 
@@ -45,7 +46,10 @@ def _as_groups(groups: Groups, what: str) -> list[np.ndarray]:
 
 
 def bootstrap_mean(
-    values: Sequence[float] | np.ndarray, num_samples: int = 1000, confidence: float = 0.95, seed: int = 0
+    values: Sequence[float] | np.ndarray,
+    num_samples: int = 1000,
+    confidence: float = 0.95,
+    seed: int = 0,
 ) -> Interval:
     """Mean with a percentile-bootstrap interval (resampling ``values`` with replacement).
 
@@ -123,7 +127,7 @@ class KLEstimate:
 
 
 def sequence_kl(
-    policy_logps: Sequence[float], ref_logps: Sequence[float], lengths: Sequence[int]
+    policy_logps: Sequence[float], ref_logps: Sequence[float], lengths: Sequence[float]
 ) -> KLEstimate:
     """KL(pi || ref) from sequence log-probs of samples drawn from pi (one value per sample)."""
     lp = np.asarray(policy_logps, dtype=np.float64)
@@ -260,8 +264,144 @@ def differential_information_entropy(
     return float(np.mean(entropies)), float(np.mean(normalised))
 
 
-def length_stats(lengths: Sequence[int]) -> dict[str, float]:
+def length_stats(lengths: Sequence[float]) -> dict[str, float]:
     x = np.asarray(lengths, dtype=np.float64)
     if x.size == 0:
         raise ValueError("length_stats: no responses")
     return {"mean": float(x.mean()), "min": float(x.min()), "max": float(x.max())}
+
+
+# -- the whole report from gathered inputs --------------------------------------------------------
+@dataclass
+class ModelSamples:
+    """One model's samples on the held-out prompts, grouped per prompt.
+
+    ``logps`` / ``ref_logps``: sequence log-probs of each sample under the model itself and under
+    the reference (None when not computed, e.g. the baseline *is* the reference).
+    """
+
+    rewards: list[list[float]]
+    lengths: list[list[int]]
+    texts: list[list[str]]
+    logps: list[list[float]] | None = None
+    ref_logps: list[list[float]] | None = None
+
+
+@dataclass
+class PairLogps:
+    """Sequence log-probs of preference pairs under the policy and the reference."""
+
+    policy_chosen: list[float]
+    policy_rejected: list[float]
+    ref_chosen: list[float]
+    ref_rejected: list[float]
+    chosen_lengths: list[int]
+    rejected_lengths: list[int]
+
+
+def _flat(groups: Sequence[Sequence[float]]) -> list[float]:
+    return [float(x) for g in groups for x in g]
+
+
+def _side_report(s: ModelSamples, boot: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "reward": grouped_mean(s.rewards, **boot).as_dict(),
+        "length_tokens": length_stats(_flat(s.lengths)),
+        "distinct_1": distinct_n([t for g in s.texts for t in g], 1),
+        "distinct_2": distinct_n([t for g in s.texts for t in g], 2),
+        "samples": sum(len(g) for g in s.rewards),
+    }
+    if s.logps is not None and s.ref_logps is not None:
+        out["kl"] = sequence_kl(_flat(s.logps), _flat(s.ref_logps), _flat(s.lengths)).as_dict()
+        h, h_norm = differential_information_entropy(s.logps, s.ref_logps)
+        out["did_entropy"] = h
+        out["did_entropy_normalized"] = h_norm
+    return out
+
+
+def _pairs_report(p: PairLogps, beta: float) -> dict[str, float]:
+    agreement = pair_agreement(
+        p.policy_chosen, p.ref_chosen, p.policy_rejected, p.ref_rejected, beta
+    )
+    return {
+        **agreement.as_dict(),
+        "beta": beta,
+        "policy_logp_accuracy": likelihood_accuracy(
+            p.policy_chosen, p.policy_rejected, p.chosen_lengths, p.rejected_lengths
+        ),
+        "reference_logp_accuracy": likelihood_accuracy(
+            p.ref_chosen, p.ref_rejected, p.chosen_lengths, p.rejected_lengths
+        ),
+    }
+
+
+def build_report(
+    policy: ModelSamples,
+    baseline: ModelSamples,
+    *,
+    baseline_is_reference: bool,
+    human_pairs: PairLogps | None,
+    train_pairs: PairLogps | None,
+    beta: float,
+    bootstrap_samples: int = 1000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Every evaluation number, as report sections plus a flat ``metrics`` dict.
+
+    ``metrics`` holds what MLflow logs and the promotion gate reads: reward_mean (policy),
+    baseline_reward_mean, reward_gain, win_rate, kl (k1 estimator, nats per sequence), human
+    pair accuracy and margins, likelihood displacement (``*_chosen_shift``), lengths,
+    distinct-n and the DID entropy. A baseline that is the reference has KL 0 by definition.
+    """
+    boot: dict[str, Any] = {
+        "num_samples": bootstrap_samples,
+        "confidence": confidence,
+        "seed": seed,
+    }
+    pol = _side_report(policy, boot)
+    base = _side_report(baseline, boot)
+    if "kl" not in base and baseline_is_reference:
+        base["kl"] = KLEstimate(0.0, 0.0, 0.0).as_dict()
+    wins = win_rate(policy.rewards, baseline.rewards, **boot).as_dict()
+    report: dict[str, Any] = {"policy": pol, "baseline": base, "win_rate": wins}
+
+    reward, base_reward = pol["reward"], base["reward"]
+    nan = float("nan")
+    m: dict[str, float] = {
+        "reward_mean": reward["mean"],
+        "reward_ci_low": reward["low"],
+        "reward_ci_high": reward["high"],
+        "baseline_reward_mean": base_reward["mean"],
+        "reward_gain": reward["mean"] - base_reward["mean"],
+        "win_rate": wins["mean"],
+        "win_rate_ci_low": wins["low"],
+        "win_rate_ci_high": wins["high"],
+        "length_mean": pol["length_tokens"]["mean"],
+        "baseline_length_mean": base["length_tokens"]["mean"],
+        "distinct_1": pol["distinct_1"],
+        "distinct_2": pol["distinct_2"],
+        "baseline_distinct_2": base["distinct_2"],
+    }
+    for prefix, side in (("", pol), ("baseline_", base)):
+        kl = side.get("kl")
+        if isinstance(kl, dict):
+            m[f"{prefix}kl"] = kl["k1"]
+            m[f"{prefix}kl_k3"] = kl["k3"]
+            m[f"{prefix}kl_per_token"] = kl["per_token"]
+    m["did_entropy"] = float(pol.get("did_entropy", nan))
+    m["did_entropy_normalized"] = float(pol.get("did_entropy_normalized", nan))
+    for name, pairs in (("human", human_pairs), ("train", train_pairs)):
+        if pairs is None or not pairs.policy_chosen:
+            continue
+        section = _pairs_report(pairs, beta)
+        report[f"{name}_pairs"] = section
+        m[f"{name}_accuracy"] = section["accuracy"]
+        m[f"{name}_margin"] = section["margin"]
+        m[f"{name}_chosen_shift"] = section["chosen_shift"]
+        m[f"{name}_rejected_shift"] = section["rejected_shift"]
+        m[f"{name}_chosen_decreased"] = section["chosen_decreased"]
+        m[f"{name}_logp_accuracy"] = section["policy_logp_accuracy"]
+        m[f"{name}_reference_logp_accuracy"] = section["reference_logp_accuracy"]
+    report["metrics"] = m
+    return report

@@ -104,13 +104,20 @@ def training_curves(
                 keys.append(k)
     preferred = [
         k
-        for k in ("loss", "reward_accuracy", "reward_margin", "kl", "grad_norm", "lr")
+        for k in (
+            "loss",
+            "rewards/accuracies",
+            "rewards/margins",
+            "logps/chosen",
+            "logps/rejected",
+            "grad_norm",
+        )
         if k in keys
     ]
     rest = [
         k
         for k in keys
-        if k not in preferred and any(w in k for w in ("loss", "margin", "accuracy", "kl"))
+        if k not in preferred and any(w in k for w in ("loss", "margin", "accurac", "kl"))
     ]
     series = (preferred + rest)[:max_series]
     if not series:

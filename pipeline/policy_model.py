@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 import mlflow
+import pandas as pd
 from mlflow.pyfunc import PythonModel
 
 
@@ -23,11 +24,11 @@ class HFPolicyModel(PythonModel):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         folder = context.artifacts["policy"]
-        self.tokenizer = AutoTokenizer.from_pretrained(folder)
+        self.tokenizer: Any = AutoTokenizer.from_pretrained(folder)
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.tokenizer.padding_side = "left"
-        self.model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+        self.model: Any = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
         self.model.eval()
 
     def _render(self, prompt: str) -> str:
@@ -41,9 +42,11 @@ class HFPolicyModel(PythonModel):
             )
         return prompt
 
-    # No type hints here: MLflow derives a schema from them and rejects ours; the signature
-    # logged with the model describes the input instead.
-    def predict(self, context, model_input, params=None):
+    # A DataFrame hint: MLflow infers no schema from it (the logged signature describes the
+    # input) and does not warn about a missing hint.
+    def predict(
+        self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None
+    ) -> list[str]:
         import torch
 
         params = params or {}

@@ -76,6 +76,10 @@ def setup(cfg: RunConfig) -> Any:
 
     uri = tracking_uri(cfg)
     _check_reachable(uri)
+    # A server that accepts connections but fails requests: MLflow's defaults (7 retries with
+    # exponential backoff, 120 s each) wait many minutes before giving up; give up sooner.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "60")
     if uri.startswith("sqlite:///"):
         Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
         _create_sqlite_store(Path(uri[len("sqlite:///"):]))
