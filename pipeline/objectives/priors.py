@@ -408,10 +408,12 @@ class BoundedScalar(nn.Module):
         self.center = (self.low + self.high) / 2.0
         self.half_width = (self.high - self.low) / 2.0
         self.offset = math.atanh((float(init) - self.center) / self.half_width)
-        self.raw = nn.Parameter(torch.zeros(()))
+        # Shape [1], not []: DeepSpeed ZeRO-3 cannot partition 0-dim parameters.
+        self.raw = nn.Parameter(torch.zeros(1))
 
     def value(self, dtype: torch.dtype = torch.float64) -> Tensor:
-        return self.center + self.half_width * torch.tanh(self.offset + self.raw.to(dtype))
+        raw = self.raw.to(dtype).reshape(())
+        return self.center + self.half_width * torch.tanh(self.offset + raw)
 
 
 class LearnableFamily(ResponsePrior):
