@@ -51,14 +51,14 @@ def reward_vs_kl(
             label=group,
             linestyle="-" if len(pts) > 1 else "none",
         )
-        if len(groups) == 1 or len(pts) == 1:
-            for p in pts:
+        for p in pts:
+            if str(p["label"]) != group:  # a group's own name is in the legend already
                 ax.annotate(
                     str(p["label"]),
                     (p["kl"], p["reward"]),
                     textcoords="offset points",
                     xytext=(4, 4),
-                    fontsize=8,
+                    fontsize=7,
                 )
     ax.set_xlabel("KL(π ‖ π_ref) per sequence (nats, from samples)")
     ax.set_ylabel("mean reward")

@@ -19,6 +19,8 @@ from __future__ import annotations
 import gc
 import json
 import math
+import os
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -111,9 +113,19 @@ def run(cfg: RunConfig, store: RunStore, force: bool = False) -> None:
         settings = SamplingSettings(
             n=ev.n, temperature=g.temperature, top_p=g.top_p, max_tokens=g.max_tokens, seed=g.seed
         )
-        scratch = store.scratch_dir("evaluate")
+        # Policy samples: scratch (kept across a kill, removed on success). Baseline samples
+        # depend only on the baseline model and these settings: a shared cache, so runs that
+        # differ only in training (the frontier's points) sample the reference once.
         policy_rows = _sample(
-            cfg, store, policy_dir, "policy", rows, prompts, tokenizer, settings, scratch
+            cfg,
+            store,
+            policy_dir,
+            "policy",
+            rows,
+            prompts,
+            tokenizer,
+            settings,
+            store.scratch_dir("evaluate"),
         )
         baseline_rows = _sample(
             cfg,
@@ -124,7 +136,7 @@ def run(cfg: RunConfig, store: RunStore, force: bool = False) -> None:
             prompts,
             tokenizer,
             settings,
-            scratch,
+            Path(cfg.cache_dir) / "evaluate-samples",
         )
         release_vllm_engine()
         scorer = _score(cfg, policy_rows, baseline_rows, reference_dir)
@@ -236,6 +248,7 @@ def run(cfg: RunConfig, store: RunStore, force: bool = False) -> None:
             reference_dir=str(reference_dir),
         )
         print(text, file=sys.stderr)
+    shutil.rmtree(store.scratch_dir("evaluate"), ignore_errors=True)
 
 
 # -- steps --------------------------------------------------------------------------------------
@@ -250,18 +263,18 @@ def _sample(
     settings: SamplingSettings,
     scratch: Path,
 ) -> list[dict[str, Any]]:
-    """Sample every prompt with the generate backend; finished chunks survive a kill."""
+    """Sample every prompt with the generate backend; finished chunks in ``scratch`` survive a
+    kill and are reused for exactly these settings, model (path and contents) and prompts."""
     g = cfg.generate
     key = config_hash(
         [
             store.expected_hash("evaluate"),
-            role,
             str(model_dir),
             model_fingerprint(model_dir),
             [r["prompt_id"] for r in rows],
         ]
     )
-    folder = scratch / f"{role}-{key}"
+    folder = scratch / key
     folder.mkdir(parents=True, exist_ok=True)
     path = lambda c: folder / f"chunk-{c:05d}.parquet"  # noqa: E731
 
@@ -269,7 +282,7 @@ def _sample(
         return data.read_rows(path(c)) if path(c).is_file() else None
 
     def save_chunk(c: int, chunk: list[dict[str, Any]]) -> None:
-        tmp = path(c).with_suffix(".tmp")
+        tmp = path(c).with_suffix(f".tmp-{os.getpid()}")  # the baseline cache is shared
         data.write_rows(tmp, chunk)
         tmp.replace(path(c))
 

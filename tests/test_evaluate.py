@@ -261,3 +261,60 @@ def test_missing_upstream_is_named(tiny_config: Any) -> None:
     cfg = tiny_config("name=nothing-here")
     with pytest.raises(StageError, match="stage 'prepare' has no complete output.*make prepare"):
         run_stage(cfg, "evaluate")
+
+
+# -- frontier (the driver's own logic; each point runs the stages tested above) ------------------
+def test_frontier_points_and_outputs(tiny_config: Any, tmp_path: Path) -> None:
+    from pipeline.config import ConfigError
+    from stages import frontier
+
+    assert frontier.parse_points("dpo:0.05,0.1 simpo:2") == {"dpo": [0.05, 0.1], "simpo": [2.0]}
+    for bad, why in (
+        ("dpo", "objective:beta"),
+        ("nope:1", "unknown objective 'nope'"),
+        ("dpo:x", "must be numbers"),
+        ("dpo:0", "must be > 0"),
+    ):
+        with pytest.raises(ConfigError, match=why):
+            frontier.parse_points(bad)
+    point = frontier.point_config(tiny_config(), "simpo", 2.5)
+    assert (point.name, point.train.objective, point.train.beta) == (
+        "tiny-simpo-b2.5",
+        "simpo",
+        2.5,
+    )
+    with pytest.raises(ConfigError, match="remove train.objective_args.beta"):
+        frontier.point_config(
+            tiny_config("train.objective_args={beta: 0.2}", "train.beta=null"), "dpo", 0.1
+        )
+
+    rows = [
+        frontier.point_row(
+            obj,
+            beta,
+            f"r-{obj}-{beta}",
+            {
+                "metrics": {
+                    "reward_mean": reward,
+                    "reward_ci_low": reward - 0.1,
+                    "reward_ci_high": reward + 0.1,
+                    "kl": kl,
+                    "kl_per_token": kl / 10,
+                    "win_rate": 0.6,
+                    "baseline_reward_mean": 0.1,
+                    "length_mean": 10.0,
+                    "distinct_2": 0.9,
+                }
+            },
+        )
+        for obj, beta, reward, kl in (
+            ("dpo", 0.1, 0.4, 2.0),
+            ("dpo", 0.5, 0.2, 0.5),
+            ("simpo", 2.0, 0.3, 1.0),
+        )
+    ]
+    files = frontier.write_outputs(tmp_path / "frontier", rows, "test")
+    assert [f.name for f in files] == ["frontier.png", "frontier.json", "frontier.csv"]
+    csv_lines = (tmp_path / "frontier" / "frontier.csv").read_text().splitlines()
+    assert len(csv_lines) == 4 and csv_lines[1].startswith("dpo,0.1,r-dpo-0.1,0.4,")
+    assert "reference reward 0.100" in frontier.table_text(rows)
