@@ -5,7 +5,8 @@ A promotion, under one registry lock:
 1. the registered model is created (tagged ``midpo.managed``) or checked: versions this
    pipeline did not make (no ``midpo.model_hash`` tag) are refused unless
    ``promote.allow_foreign_versions`` is set;
-2. a version already holding this model (same ``midpo.model_hash``) makes it a no-op;
+2. a version already holding this model (same ``midpo.model_hash``) makes it a no-op (one
+   registered by a promotion killed before its gate is gated now instead);
 3. otherwise the policy folder is logged as a pyfunc model (``pipeline/policy_model.py``) and
    registered as a new version tagged with its evaluation metrics, config hash and run ids;
 4. the gate compares it with the current champion; ``champion`` moves to it only if it
@@ -335,7 +336,7 @@ def promote(
     client = registry.client
     registry.ensure()
     existing = registry.find_by_hash(model_hash)
-    if existing is not None:
+    if existing is not None and TAG_GATE in (existing.tags or {}):
         aliases = sorted(getattr(existing, "aliases", []) or [])
         return {
             "action": "unchanged",
@@ -352,26 +353,29 @@ def promote(
     baseline_reward, compared_to = _gate_baseline(registry, champion, baseline)
     decision = gate_decision(metrics, baseline_reward, compared_to, gate)
 
-    info = log_model()
-    version_tags = {
-        TAG_MODEL_HASH: model_hash,
-        **tags,
-        **{
-            METRIC_TAG + k: _tag_value(v)
-            for k, v in metrics.items()
-            if isinstance(v, int | float) and v == v
-        },
-    }
-    mv = client.create_model_version(
-        registry.name,
-        source=info.model_uri,
-        run_id=getattr(info, "run_id", None),
-        tags=version_tags,
-        model_id=getattr(info, "model_id", None),
-        description=f"midpo run {tags.get('midpo.run', '?')}: gate "
-        f"{'passed' if decision.passed else 'failed'} against {compared_to}",
-    )
-    version = str(mv.version)
+    if existing is not None:
+        # A promotion killed between registering and gating: finish it on that version.
+        version, action, source = str(existing.version), "completed", str(existing.source)
+    else:
+        info = log_model()
+        version_tags = {
+            TAG_MODEL_HASH: model_hash,
+            **tags,
+            **{
+                METRIC_TAG + k: _tag_value(v)
+                for k, v in metrics.items()
+                if isinstance(v, int | float) and v == v
+            },
+        }
+        mv = client.create_model_version(
+            registry.name,
+            source=info.model_uri,
+            run_id=getattr(info, "run_id", None),
+            tags=version_tags,
+            model_id=getattr(info, "model_id", None),
+            description=f"midpo run {tags.get('midpo.run', '?')}",
+        )
+        version, action, source = str(mv.version), "registered", str(info.model_uri)
     # Decision tags go on before any alias points at the version.
     client.set_model_version_tag(
         registry.name, version, TAG_GATE, "passed" if decision.passed else "failed"
@@ -393,7 +397,7 @@ def promote(
             "promoters against a remote server must share the registry lock"
         )
     return {
-        "action": "registered",
+        "action": action,
         "registered_model": registry.name,
         "version": version,
         "aliases": [alias],
@@ -401,7 +405,7 @@ def promote(
         "decision": decision.as_dict(),
         "previous_champion": str(champion.version) if champion is not None else None,
         "model_uri": f"models:/{registry.name}@{alias}",
-        "source": info.model_uri,
+        "source": source,
     }
 
 

@@ -384,3 +384,27 @@ def test_promote_against_a_tracking_server(
     assert (
         len(model.predict(pd.DataFrame({"prompt": ["hello"]}), params={"max_new_tokens": 3})) == 1
     )
+
+
+def test_promotion_killed_before_the_gate_is_finished(
+    tiny_config: ConfigFactory, policies: list[Path]
+) -> None:
+    """A version registered without its gate (killed mid-promotion) is gated on the rerun."""
+    import mlflow
+
+    cfg = tiny_config("name=interrupted")
+    fake_upstream(cfg, policies[0], reward=0.5)
+    model_hash = registry.model_folder_hash(RunStore(cfg).require("train"))
+    client = client_for(cfg)
+    registry.Registry(client, cfg.promote.registered_model).ensure()
+    with mlflow.start_run():
+        info = registry.log_policy_model(cfg.run_dir / "train" / "model")
+    client.create_model_version(
+        cfg.promote.registered_model,
+        source=info.model_uri,
+        tags={registry.TAG_MODEL_HASH: model_hash},
+    )
+    run_stage(cfg, "promote")
+    record = promotion(cfg)
+    assert (record["action"], record["version"], record["gate"]) == ("completed", "1", "passed")
+    assert alias_version(cfg, "champion") == "1" and len(versions(cfg)) == 1
