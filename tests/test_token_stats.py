@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from pipeline.objectives import linear_head, response_token_stats, sequence_logps, token_stats
+from pipeline.objectives import token_statistics as token_stats_module
 
 
 @pytest.fixture(autouse=True)
@@ -66,8 +67,14 @@ def _heads(seed: int) -> tuple[nn.Linear, nn.Linear]:
     return head, ref_head
 
 
-@pytest.mark.parametrize("chunk_size", [1, 4, 7, 1024])
-def test_values_and_gradients_equal_naive(chunk_size: int) -> None:
+@pytest.mark.parametrize(
+    ("chunk_size", "block_rows"), [(1, 1), (4, 1), (7, 3), (1024, 2), (1024, 0)]
+)
+def test_values_and_gradients_equal_naive(
+    chunk_size: int, block_rows: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if block_rows:  # inside a chunk, rows are processed in blocks: exercise several
+        monkeypatch.setattr(token_stats_module, "_BLOCK_ELEMENTS", block_rows * V)
     hidden, ref_hidden, labels, mask = _inputs(0)
     head, ref_head = _heads(0)
     weights = torch.randn(4, generator=torch.Generator().manual_seed(1))
@@ -260,3 +267,26 @@ def test_no_response_tokens_gives_zeros_and_backward_works() -> None:
     assert bool((stats.logps == 0).all())
     stats.logps.sum().backward()
     assert h.grad is not None and bool((h.grad == 0).all())
+
+
+def test_masked_vocabulary_gives_finite_kl() -> None:
+    """-inf logits (a masked vocabulary) in the reference: those tokens contribute 0 to the KL."""
+    hidden, ref_hidden, labels, mask = _inputs(9)
+    labels = labels % (V - 5)  # never a masked token
+    head, ref_head = _heads(9)
+
+    def masked_ref(h: Tensor) -> Tensor:
+        return ref_head(h).masked_fill(torch.arange(V) >= V - 5, float("-inf"))
+
+    h = hidden.clone().requires_grad_()
+    stats = response_token_stats(
+        h, labels, mask, head, ref_hidden=ref_hidden, ref_lm_head=masked_ref
+    )
+    assert stats.kl is not None and bool(torch.isfinite(stats.kl).all())
+    logps_all = torch.log_softmax(head(hidden)[:, :-1], -1)
+    ref_all = torch.log_softmax(masked_ref(ref_hidden)[:, :-1], -1)
+    terms = torch.where(ref_all.exp() > 0, ref_all.exp() * (ref_all - logps_all), 0.0)
+    expected = torch.cat([torch.zeros(3, 1), terms.sum(-1)], 1) * mask
+    torch.testing.assert_close(stats.kl, expected.detach(), rtol=1e-5, atol=1e-5)
+    stats.kl.sum().backward()
+    assert h.grad is not None and bool(torch.isfinite(h.grad).all())

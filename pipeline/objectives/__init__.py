@@ -40,7 +40,7 @@ from .priors import (
 )
 from .sparse_masks import SparseMaskHead, activation_token_masks
 from .tisdpo_weights import contrastive_token_weights, transform_scores
-from .token_stats import (
+from .token_statistics import (
     TokenStats,
     linear_head,
     response_token_stats,

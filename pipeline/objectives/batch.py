@@ -1,7 +1,7 @@
 """PairBatch: the per-token inputs every objective reads, and their validation.
 
 All per-token tensors are ``[B, T]`` and aligned with the *label* positions of one side: entry
-``[b, t]`` is about response token ``t`` of pair ``b`` (see ``token_stats`` for the shift
+``[b, t]`` is about response token ``t`` of pair ``b`` (see ``token_statistics`` for the shift
 convention that produces them). Chosen and rejected may have different ``T``. Positions where the
 side's mask is False are ignored: objectives select with ``torch.where``, so padding values
 (even NaN) never reach the loss.

@@ -1,7 +1,7 @@
 """SparsePO token masks: a small learned mask head, and masks from reference activations.
 
 Both read reference-model hidden states aligned with the response tokens: position ``t`` holds the
-hidden state that predicts token ``t`` (the same shift as ``token_stats``), as ``[B, T, H]`` (one
+hidden state that predicts token ``t`` (the same shift as ``token_statistics``), as ``[B, T, H]`` (one
 layer) or ``[B, T, L, H]`` (L layers). Masks are ``[B, T]``, 0 outside the response mask.
 """
 

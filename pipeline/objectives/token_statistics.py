@@ -3,8 +3,11 @@
 Only response positions are computed: their hidden states are gathered first ([N, H]), then the LM
 head runs on chunks of ``chunk_size`` tokens. Each chunk runs under
 ``torch.utils.checkpoint.checkpoint(use_reentrant=False)``, so its logits are freed after the forward
-and recomputed in backward: peak memory is O(chunk_size x vocab), not O(tokens x vocab). Values and
-gradients equal the naive full-logits computation (same operations, in float32).
+and recomputed in backward: peak memory is O(chunk_size x vocab), not O(tokens x vocab). Within a
+chunk, a custom autograd function computes the log-probs / KL from the logits, and their gradient
+in closed form, on row blocks: a chunk holds at most three [chunk, vocab] float32 buffers (policy
+logits, reference log-probs, logit gradient). Values and gradients equal the naive full-logits
+computation (float32, to ~1e-6).
 
 Shift convention (causal LM): the hidden state at position t - 1 predicts the token at position t.
 ``response_token_stats`` takes the model's final hidden states ``[B, T, H]`` and ``labels [B, T]``,
@@ -62,6 +65,118 @@ def _no_gather() -> AbstractContextManager[Any]:
     return contextlib.nullcontext()
 
 
+# Row blocks of about this many elements bound the temporaries inside a chunk (16 MiB float32).
+_BLOCK_ELEMENTS = 1 << 22
+
+
+def _row_blocks(rows: int, vocab: int) -> list[slice]:
+    step = max(1, min(rows, _BLOCK_ELEMENTS // max(vocab, 1)))
+    return [slice(start, start + step) for start in range(0, rows, step)]
+
+
+def _scaled(logits: Tensor, temperature: float) -> Tensor:
+    """float32 logits divided by the temperature (no copy when already float32 and T = 1)."""
+    z = logits.float()
+    return z if temperature == 1.0 else z / temperature
+
+
+class _LogitStats(torch.autograd.Function):
+    """Per-token log-prob and KL to the reference from one chunk's logits, memory-lean.
+
+    Works on row blocks, so the only [C, V] buffers are the policy logits (input, kept for
+    backward), the reference log-probs (normalised in place in the reference logits, which this
+    function owns) and, in backward, the gradient w.r.t. the logits, written in closed form:
+        d log pi(y)/dz = onehot(y) - pi,  d KL(ref || pi)/dz = pi - ref,
+        d KL(pi || ref)/dz = pi * (log pi - log ref - KL(pi || ref)).
+    Inputs: logits [C, V] (any float dtype; upcast per block), labels [C], ref_logits [C, V] or
+    None. Outputs: logps [C], then with a reference: ref_logps [C], kl [C], reverse_kl [C]
+    (kl / reverse_kl zeros when not requested).
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        logits: Tensor,
+        labels: Tensor,
+        ref_logits: Tensor | None,
+        temperature: float,
+        want_kl: bool,
+        want_reverse_kl: bool,
+    ) -> tuple[Tensor, ...]:
+        rows, vocab = logits.shape
+        blocks = _row_blocks(rows, vocab)
+        lse = torch.empty(rows, dtype=torch.float32, device=logits.device)
+        for b in blocks:
+            # log-sum-exp, not softmax().log(): the latter gives -inf where probabilities underflow.
+            lse[b] = torch.logsumexp(_scaled(logits[b], temperature), dim=-1)
+        index = labels.unsqueeze(-1)
+        logps = _scaled(logits.gather(-1, index).squeeze(-1), temperature) - lse
+        ctx.temperature = temperature
+        ctx.has_ref = ref_logits is not None
+        ctx.want_kl, ctx.want_reverse_kl = want_kl, want_reverse_kl
+        if ref_logits is None:
+            ctx.save_for_backward(logits, labels, lse)
+            return (logps,)
+
+        ref_logps = ref_logits.float()  # owned by this chunk: normalised in place
+        if ref_logps.data_ptr() == ref_logits.data_ptr() and ref_logits.requires_grad:
+            ref_logps = ref_logps.clone()
+        if temperature != 1.0:
+            ref_logps.div_(temperature)
+        for b in blocks:
+            ref_logps[b] -= torch.logsumexp(ref_logps[b], dim=-1, keepdim=True)
+        # -inf (masked vocabulary) -> most negative float: exp() is still 0 and 0 * finite = 0,
+        # where 0 * inf would give NaN.
+        ref_logps.clamp_(min=torch.finfo(torch.float32).min)
+        kl = torch.zeros(rows, dtype=torch.float32, device=logits.device)
+        reverse_kl = torch.zeros_like(kl)
+        for b in blocks:
+            block_logps = _scaled(logits[b], temperature) - lse[b].unsqueeze(-1)
+            ref_block = ref_logps[b]
+            if want_kl:
+                kl[b] = (ref_block - block_logps).mul_(ref_block.exp()).sum(dim=-1)
+            if want_reverse_kl:
+                probs = block_logps.exp()
+                terms = (block_logps - ref_block).mul_(probs)
+                reverse_kl[b] = terms.masked_fill_(probs == 0, 0.0).sum(dim=-1)
+        ref_token_logps = ref_logps.gather(-1, index).squeeze(-1)
+        ctx.mark_non_differentiable(ref_token_logps)
+        ctx.save_for_backward(logits, labels, lse, ref_logps, reverse_kl)
+        return logps, ref_token_logps, kl, reverse_kl
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Tensor) -> tuple[Tensor | None, ...]:
+        saved = ctx.saved_tensors
+        logits: Tensor = saved[0]
+        labels: Tensor = saved[1]
+        lse: Tensor = saved[2]
+        temperature: float = ctx.temperature
+        grad_logp = grads[0]
+        grad_kl = grads[2] if ctx.has_ref and ctx.want_kl else None
+        grad_reverse = grads[3] if ctx.has_ref and ctx.want_reverse_kl else None
+        # Per row: grad = pi * (g_kl - g_logp) - g_kl * ref + g_logp * onehot(y) (+ reverse part).
+        coef = -grad_logp if grad_kl is None else grad_kl - grad_logp
+        grad = torch.empty(logits.shape, dtype=torch.float32, device=logits.device)
+        for b in _row_blocks(*logits.shape):
+            block_logps = _scaled(logits[b], temperature) - lse[b].unsqueeze(-1)
+            probs = torch.exp(block_logps, out=grad[b])
+            reverse_part = None
+            if grad_reverse is not None:
+                ref_logps, reverse_kl = saved[3][b], saved[4][b]
+                reverse_part = (block_logps - ref_logps).sub_(reverse_kl.unsqueeze(-1))
+                reverse_part.mul_(probs).masked_fill_(probs == 0, 0.0)
+                reverse_part.mul_(grad_reverse[b].unsqueeze(-1))
+            probs.mul_(coef[b].unsqueeze(-1))
+            if grad_kl is not None:
+                probs.addcmul_(saved[3][b].exp(), grad_kl[b].unsqueeze(-1), value=-1.0)
+            if reverse_part is not None:
+                probs.add_(reverse_part)
+        grad.scatter_add_(-1, labels.unsqueeze(-1), grad_logp.unsqueeze(-1))
+        if temperature != 1.0:
+            grad.div_(temperature)
+        return grad.to(logits.dtype), None, None, None, None, None
+
+
 def _chunk_stats(
     hidden: Tensor,
     labels: Tensor,
@@ -74,27 +189,21 @@ def _chunk_stats(
     want_reverse_kl: bool,
     gather: Gather,
 ) -> tuple[Tensor, ...]:
-    """Statistics of one chunk; everything [C, V] is local and freed on return."""
+    """Statistics of one chunk: (logps, [ref_logps, [kl], [reverse_kl]]), each [C]."""
     with gather():
         logits = lm_head(hidden)
-    # log_softmax, not softmax().log(): the latter gives -inf/NaN where probabilities underflow.
-    logps_all = torch.log_softmax(logits.float() / temperature, dim=-1)
-    index = labels.unsqueeze(-1)
-    outputs: list[Tensor] = [logps_all.gather(-1, index).squeeze(-1)]
+    ref_logits = None
     if ref_hidden is not None and ref_lm_head is not None:
-        with torch.no_grad():
-            with gather():
-                ref_logits = ref_lm_head(ref_hidden)
-            ref_logps_all = torch.log_softmax(ref_logits.float() / temperature, dim=-1)
-            ref_probs = ref_logps_all.exp()
-        outputs.append(ref_logps_all.gather(-1, index).squeeze(-1))
-        if want_kl:
-            # Terms with zero reference probability contribute 0 (avoids 0 * -inf = NaN).
-            terms = torch.where(ref_probs > 0, ref_probs * (ref_logps_all - logps_all), 0.0)
-            outputs.append(terms.sum(dim=-1))
-        if want_reverse_kl:
-            outputs.append((logps_all.exp() * (logps_all - ref_logps_all)).sum(dim=-1))
-    return tuple(outputs)
+        with torch.no_grad(), gather():
+            ref_logits = ref_lm_head(ref_hidden)
+    outputs = _LogitStats.apply(logits, labels, ref_logits, temperature, want_kl, want_reverse_kl)
+    if ref_logits is None:
+        return (outputs[0],)
+    logps, ref_logps, kl, reverse_kl = outputs
+    chosen = (
+        [logps, ref_logps] + ([kl] if want_kl else []) + ([reverse_kl] if want_reverse_kl else [])
+    )
+    return tuple(chosen)
 
 
 def token_stats(
