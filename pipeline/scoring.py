@@ -56,7 +56,7 @@ def load_reward_function(spec: str) -> RewardFn:
     fn = getattr(module, attr, None)
     if not callable(fn):
         raise ScoringError(f"score.scorer.function={spec!r}: {module_name} has no function {attr!r}")
-    return fn  # type: ignore[no-any-return]
+    return fn
 
 
 def _check_rewards(values: Any, expected: int) -> list[float]:

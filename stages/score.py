@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -131,6 +132,63 @@ def score_samples(cfg: RunConfig, samples: list[dict[str, Any]], policy_dir: Pat
     return rewards, {}, f"judge({model_dir})", None
 
 
+@dataclass
+class Scored:
+    """What scoring produced before reference log-probs: pairs and everything to report."""
+
+    pairs: list[dict[str, Any]]
+    scored_rows: list[dict[str, Any]] = field(default_factory=list)
+    drops: dict[str, int] = field(default_factory=dict)
+    counts: dict[str, Any] = field(default_factory=dict)
+    scorer: str = "none (offline pairs)"
+    alpha: float = 0.0
+    # (prompt_id, sample) -> reference log-probs computed on the way (DICE scores with them).
+    known_ref: dict[Any, list[float]] = field(default_factory=dict)
+
+
+def pairs_from_samples(cfg: RunConfig, store: RunStore, tokenizer: Any, policy_dir: Path,
+                       reference_dir: Path, logprobs: LogprobModels) -> Scored:
+    s = cfg.score
+    samples = data.read_rows(store.stage_dir("generate") / "samples.parquet")
+    rewards, errors, scorer_name, all_ref = score_samples(
+        cfg, samples, policy_dir, reference_dir, logprobs)
+    flat_keys = [(r["prompt_id"], k) for r in samples for k in range(len(r["responses"]))]
+
+    def where(i: int) -> str:
+        return f"prompt_id {flat_keys[i][0]} sample {flat_keys[i][1]}"
+
+    if errors and not s.scorer.drop_invalid:
+        raise ScoringError(
+            f"{len(errors)} of {len(rewards)} responses got no valid reward from {scorer_name}:\n"
+            f"{describe_errors(errors, where)}\n"
+            "set score.scorer.drop_invalid=true to drop them and go on")
+    if errors:
+        warn(f"dropping {len(errors)} responses without a valid reward; first: "
+             f"{describe_errors(errors, where, limit=1).strip()}")
+    groups, scored_rows = _groups(samples, rewards, errors, s.dice.length_unit)
+    out = Scored(pairs=[], scored_rows=scored_rows, scorer=scorer_name)
+    if all_ref is not None:
+        out.known_ref.update(zip(flat_keys, all_ref, strict=True))
+    pair_kwargs: dict[str, Any] = dict(strategy=s.pair_strategy, min_margin=s.min_margin,
+                                       drop_ties=s.drop_ties, drop_truncated=s.drop_truncated,
+                                       seed=s.seed)
+    if s.dice.enabled:
+        out.alpha = (length_balanced_alpha(groups, **pair_kwargs)
+                     if s.dice.length_alpha == "auto" else float(s.dice.length_alpha))
+        out.counts["length_gap_unregularised"] = length_gap(groups,
+                                                            build_pairs(groups, **pair_kwargs))
+    result = build_pairs(groups, alpha=out.alpha, **pair_kwargs)
+    out.drops = dict(sorted(result.drops.items()))
+    out.pairs = [_pair_row(samples[p.group], p.chosen, p.rejected, groups[p.group].rewards)
+                 for p in result.pairs]
+    out.counts["generated_pairs"] = len(out.pairs)
+    if s.dice.enabled:
+        out.counts["length_gap"] = length_gap(groups, result)
+        if s.dice.replay_fraction > 0:
+            out.pairs += _replay_pairs(cfg, store, tokenizer, len(out.pairs), out.counts)
+    return out
+
+
 def run(cfg: RunConfig, store: RunStore, force: bool = False) -> None:
     s = cfg.score
     offline = cfg.data.task == "preference"
@@ -155,105 +213,74 @@ def run(cfg: RunConfig, store: RunStore, force: bool = False) -> None:
                     f"the reference model {reference_dir} has a different vocabulary from the "
                     f"generating model {policy_dir}: token ids cannot be shared")
         logprobs = LogprobModels(cfg)
-        counts: dict[str, Any] = {}
-        drops: dict[str, int] = {}
-        known_ref: dict[tuple[str, int], list[float]] = {}  # (prompt_id, sample) -> ref log-probs
-        alpha = 0.0
-        scorer_name = "none (offline pairs)"
-
         if offline:
             source = store.stage_dir("prepare") / "preference.parquet"
             pairs, stats = text_pairs(data.read_rows(source), tokenizer, cfg, "offline", str(source))
-            counts.update(stats)
-            scored_rows = []
+            result = Scored(pairs=pairs, counts=dict(stats))
         else:
-            samples = data.read_rows(store.stage_dir("generate") / "samples.parquet")
-            rewards, errors, scorer_name, all_ref = score_samples(
-                cfg, samples, policy_dir, reference_dir, logprobs)
-            flat_keys = [(r["prompt_id"], k) for r in samples for k in range(len(r["responses"]))]
-            where = lambda i: f"prompt_id {flat_keys[i][0]} sample {flat_keys[i][1]}"  # noqa: E731
-            if errors and not s.scorer.drop_invalid:
-                raise ScoringError(
-                    f"{len(errors)} of {len(rewards)} responses got no valid reward from "
-                    f"{scorer_name}:\n{describe_errors(errors, where)}\n"
-                    "set score.scorer.drop_invalid=true to drop them and go on")
-            if errors:
-                warn(f"dropping {len(errors)} responses without a valid reward; first: "
-                     f"{describe_errors(errors, where, limit=1).strip()}")
-            groups, scored_rows = _groups(samples, rewards, errors, s.dice.length_unit)
-            if all_ref is not None:
-                known_ref.update(zip(flat_keys, all_ref, strict=True))
-            pair_kwargs = dict(strategy=s.pair_strategy, min_margin=s.min_margin,
-                               drop_ties=s.drop_ties, drop_truncated=s.drop_truncated, seed=s.seed)
-            if s.dice.enabled:
-                alpha = (length_balanced_alpha(groups, **pair_kwargs)
-                         if s.dice.length_alpha == "auto" else float(s.dice.length_alpha))
-                counts["length_gap_unregularised"] = length_gap(groups, build_pairs(groups,
-                                                                                  **pair_kwargs))
-            result = build_pairs(groups, alpha=alpha, **pair_kwargs)
-            drops = dict(sorted(result.drops.items()))
-            pairs = [_pair_row(samples[p.group], p.chosen, p.rejected, groups[p.group].rewards)
-                     for p in result.pairs]
-            counts["generated_pairs"] = len(pairs)
-            if s.dice.enabled:
-                counts["length_gap"] = length_gap(groups, result)
-            if s.dice.enabled and s.dice.replay_fraction > 0:
-                pairs += _replay_pairs(cfg, store, tokenizer, len(pairs), counts)
-
+            result = pairs_from_samples(cfg, store, tokenizer, policy_dir, reference_dir, logprobs)
+        pairs = result.pairs
         if not pairs:
             raise ScoringError(
-                f"no preference pairs left (drops: {drops or 'none'}); check the scorer, "
+                f"no preference pairs left (drops: {result.drops or 'none'}); check the scorer, "
                 "score.drop_ties / score.drop_truncated / score.min_margin")
 
         # Reference log-probs: every distinct response once.
         if s.reference_logps != "none":
-            _attach_logps(pairs, logprobs(reference_dir), "ref_{}_logps", known_ref)
+            _attach_logps(pairs, logprobs(reference_dir), "ref_{}_logps", result.known_ref)
         else:
             for p in pairs:
                 p["ref_chosen_logps"], p["ref_rejected_logps"] = [], []
         if needs_token_weights(cfg):
-            positive = (_model_dir(s.tisdpo_positive_model, "score.tisdpo_positive_model")
-                        if s.tisdpo_positive_model else policy_dir)
-            negative = (_model_dir(s.tisdpo_negative_model, "score.tisdpo_negative_model")
-                        if s.tisdpo_negative_model else reference_dir)
-            eos = set(_eos_ids(tokenizer))
-            pos_key, neg_key = "_pos_{}_logps", "_neg_{}_logps"
-            _attach_logps(pairs, logprobs(positive), pos_key,
-                          known_ref if positive == reference_dir else {})
-            _attach_logps(pairs, logprobs(negative), neg_key,
-                          known_ref if negative == reference_dir else {})
-            for p in pairs:
-                for side in ("chosen", "rejected"):
-                    ids = p[f"{side}_token_ids"]
-                    p[f"{side}_weights"] = token_weights(
-                        p.pop(pos_key.format(side)), p.pop(neg_key.format(side)), side,
-                        s.tisdpo_transform, s.tisdpo_transform_params,
-                        ends_with_eos=bool(ids) and ids[-1] in eos)
-            counts["tisdpo_models"] = {"positive": str(positive), "negative": str(negative)}
+            result.counts["tisdpo_models"] = _attach_token_weights(
+                cfg, pairs, tokenizer, policy_dir, reference_dir, logprobs, result.known_ref)
 
         for p in pairs:
             del p["_keys"]
+        scored_rows = result.scored_rows or _offline_scored(pairs)
         data.write_rows(st.dir / "pairs.parquet", pairs)
-        data.write_rows(st.dir / "scored.parquet", scored_rows or _offline_scored(pairs))
-        summary = _summary(scored_rows, pairs, drops, alpha)
+        data.write_rows(st.dir / "scored.parquet", scored_rows)
+        summary = _summary(scored_rows, pairs, result.drops, result.alpha)
         write_summary_plot(st.dir / "summary.png", scored_rows, pairs)
         st.record(
-            counts={**counts, "pairs": len(pairs)}, drops=drops, summary=summary,
-            scorer=scorer_name, reference_model_dir=str(reference_dir),
+            counts={**result.counts, "pairs": len(pairs)}, drops=result.drops, summary=summary,
+            scorer=result.scorer, reference_model_dir=str(reference_dir),
             policy_model_dir=str(policy_dir), model_fingerprints=fingerprints,
-            reference_logps=s.reference_logps, dice_alpha=alpha if s.dice.enabled else None,
+            reference_logps=s.reference_logps,
+            dice_alpha=result.alpha if s.dice.enabled else None,
         )
         if store.is_writer:
             with tracking.stage_run(cfg, "score", params={
-                "scorer": scorer_name, "pair_strategy": s.pair_strategy,
+                "scorer": result.scorer, "pair_strategy": s.pair_strategy,
                 "reference_model_dir": str(reference_dir), "policy_model_dir": str(policy_dir)}):
                 import mlflow
 
-                mlflow.log_metrics({k: float(v) for k, v in summary.items()
-                                    if v is not None and math.isfinite(v)})
+                mlflow.log_metrics({k: float(v) for k, v in summary.items() if math.isfinite(v)})
                 mlflow.log_artifact(str(st.dir / "summary.png"))
-        print(f"[score] {len(pairs)} pairs ({scorer_name}); drops {drops or 'none'} "
+        print(f"[score] {len(pairs)} pairs ({result.scorer}); drops {result.drops or 'none'} "
               f"-> {st.final_dir}", file=sys.stderr)
+
+
+def _attach_token_weights(cfg: RunConfig, pairs: list[dict[str, Any]], tokenizer: Any,
+                          policy_dir: Path, reference_dir: Path, logprobs: LogprobModels,
+                          known_ref: dict[Any, list[float]]) -> dict[str, str]:
+    """TIS-DPO weights from the contrastive pair (default: generating policy vs reference)."""
+    s = cfg.score
+    positive = (_model_dir(s.tisdpo_positive_model, "score.tisdpo_positive_model")
+                if s.tisdpo_positive_model else policy_dir)
+    negative = (_model_dir(s.tisdpo_negative_model, "score.tisdpo_negative_model")
+                if s.tisdpo_negative_model else reference_dir)
+    for model, key in ((positive, "_pos_{}_logps"), (negative, "_neg_{}_logps")):
+        _attach_logps(pairs, logprobs(model), key, known_ref if model == reference_dir else {})
+    eos = tokenizer.eos_token_id
+    for p in pairs:
+        for side in ("chosen", "rejected"):
+            ids = p[f"{side}_token_ids"]
+            p[f"{side}_weights"] = token_weights(
+                p.pop(f"_pos_{side}_logps"), p.pop(f"_neg_{side}_logps"), side,
+                s.tisdpo_transform, s.tisdpo_transform_params,
+                ends_with_eos=bool(ids) and ids[-1] == eos)
+    return {"positive": str(positive), "negative": str(negative)}
 
 
 # -- helpers ------------------------------------------------------------------------------------
@@ -330,10 +357,6 @@ def _attach_logps(pairs: list[dict[str, Any]], engine: LogprobEngine, key: str,
     for p in pairs:
         for k, side in zip(p["_keys"], ("chosen", "rejected"), strict=True):
             p[key.format(side)] = known[k]
-
-
-def _eos_ids(tokenizer: Any) -> list[int]:
-    return [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
 
 
 def _offline_scored(pairs: list[dict[str, Any]]) -> list[dict[str, Any]]:
