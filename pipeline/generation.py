@@ -57,8 +57,9 @@ class Sampler(Protocol):
 
     backend: str
 
-    def sample(self, prompts: Sequence[list[int]], seeds: Sequence[int],
-               settings: SamplingSettings) -> list[list[Completion]]: ...
+    def sample(
+        self, prompts: Sequence[list[int]], seeds: Sequence[int], settings: SamplingSettings
+    ) -> list[list[Completion]]: ...
 
 
 def prompt_seed(seed: int, prompt_id: str) -> int:
@@ -99,24 +100,36 @@ class PreparedPrompts:
     truncated: list[bool]
 
 
-def prepare_prompts(tokenizer: Any, prompt_ids: Sequence[str], prompts: Sequence[str],
-                    prompt_texts: Sequence[str], max_prompt_length: int, long_prompts: str,
-                    source: str) -> PreparedPrompts:
+def prepare_prompts(
+    tokenizer: Any,
+    prompt_ids: Sequence[str],
+    prompts: Sequence[str],
+    prompt_texts: Sequence[str],
+    max_prompt_length: int,
+    long_prompts: str,
+    source: str,
+) -> PreparedPrompts:
     """Tokenise chat-rendered prompts once; reject empty ones; truncate or reject long ones.
 
     Truncation keeps the prompt's end (the generation prompt and the latest text) and drops
     its start; the token ids are then authoritative and ``texts`` is their decoding.
     """
-    empty = [pid for pid, p, t in zip(prompt_ids, prompts, prompt_texts, strict=True)
-             if not (p or "").strip() or not (t or "").strip()]
+    empty = [
+        pid
+        for pid, p, t in zip(prompt_ids, prompts, prompt_texts, strict=True)
+        if not (p or "").strip() or not (t or "").strip()
+    ]
     if empty:
         raise GenerationError(
             f"{len(empty)} empty prompt(s) in {source}: prompt_id {', '.join(empty[:10])}"
             + (" ..." if len(empty) > 10 else "")
         )
     encoded = tokenizer(list(prompt_texts), add_special_tokens=False)["input_ids"]
-    too_long = [(pid, len(ids)) for pid, ids in zip(prompt_ids, encoded, strict=True)
-                if len(ids) > max_prompt_length]
+    too_long = [
+        (pid, len(ids))
+        for pid, ids in zip(prompt_ids, encoded, strict=True)
+        if len(ids) > max_prompt_length
+    ]
     if too_long and long_prompts == "fail":
         shown = ", ".join(f"{pid} ({n} tokens)" for pid, n in too_long[:10])
         raise GenerationError(
@@ -168,8 +181,9 @@ def _seeded_sampling_processor(generators: list[Any], temperature: float, top_p:
                 drop = sorted_p.cumsum(-1) - sorted_p >= top_p
                 sorted_p = sorted_p.masked_fill(drop, 0.0)
                 probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
-            picked = torch.stack([torch.multinomial(probs[i], 1, generator=g)[0]
-                                  for i, g in enumerate(generators)])
+            picked = torch.stack(
+                [torch.multinomial(probs[i], 1, generator=g)[0] for i, g in enumerate(generators)]
+            )
             out = torch.full_like(scores, float("-inf"))
             out[torch.arange(scores.shape[0], device=scores.device), picked] = 0.0
             return out
@@ -182,17 +196,32 @@ class TransformersSampler:
 
     backend = "transformers"
 
-    def __init__(self, model_dir: Path, dtype: str = "float32", device: str = "auto",
-                 trust_remote_code: bool = False, allow_pickle: bool = False) -> None:
+    def __init__(
+        self,
+        model_dir: Path,
+        dtype: str = "float32",
+        device: str = "auto",
+        trust_remote_code: bool = False,
+        allow_pickle: bool = False,
+    ) -> None:
         self.device = resolve_device(device)
         self.tokenizer = load_tokenizer(model_dir, trust_remote_code=trust_remote_code)
-        self.model = load_causal_lm(model_dir, dtype=dtype, trust_remote_code=trust_remote_code,
-                                    allow_pickle=allow_pickle).to(self.device).eval()
+        self.model = (
+            load_causal_lm(
+                model_dir,
+                dtype=dtype,
+                trust_remote_code=trust_remote_code,
+                allow_pickle=allow_pickle,
+            )
+            .to(self.device)
+            .eval()
+        )
         self.eos_ids = eos_token_ids(model_dir, self.tokenizer)
         self.pad_id = int(self.tokenizer.pad_token_id)
 
-    def sample(self, prompts: Sequence[list[int]], seeds: Sequence[int],
-               settings: SamplingSettings) -> list[list[Completion]]:
+    def sample(
+        self, prompts: Sequence[list[int]], seeds: Sequence[int], settings: SamplingSettings
+    ) -> list[list[Completion]]:
         import torch
         from transformers import GenerationConfig, LogitsProcessorList
 
@@ -202,52 +231,77 @@ class TransformersSampler:
         input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         attention = torch.zeros((len(rows), width), dtype=torch.long)
         for i, r in enumerate(rows):  # left padding: every row's last prompt token aligns
-            input_ids[i, width - len(r):] = torch.tensor(r)
-            attention[i, width - len(r):] = 1
+            input_ids[i, width - len(r) :] = torch.tensor(r)
+            attention[i, width - len(r) :] = 1
         greedy = settings.temperature == 0.0
         processors = LogitsProcessorList()
         if not greedy:
-            gens = [torch.Generator(device=self.device).manual_seed(s * 1024 + k)
-                    for s in seeds for k in range(n)]
-            processors.append(_seeded_sampling_processor(gens, settings.temperature,
-                                                         settings.top_p))
+            gens = [
+                torch.Generator(device=self.device).manual_seed(s * 1024 + k)
+                for s in seeds
+                for k in range(n)
+            ]
+            processors.append(
+                _seeded_sampling_processor(gens, settings.temperature, settings.top_p)
+            )
         # A fresh config: the model's own sampling defaults (top_k, repetition penalty, ...)
         # must not change what the run config asked for.
         gen_cfg = GenerationConfig(
-            do_sample=False, max_new_tokens=settings.max_tokens, eos_token_id=self.eos_ids,
-            pad_token_id=self.pad_id, output_logits=True, return_dict_in_generate=True,
+            do_sample=False,
+            max_new_tokens=settings.max_tokens,
+            eos_token_id=self.eos_ids,
+            pad_token_id=self.pad_id,
+            output_logits=True,
+            return_dict_in_generate=True,
         )
         with torch.inference_mode():
             out = self.model.generate(
-                input_ids=input_ids.to(self.device), attention_mask=attention.to(self.device),
-                generation_config=gen_cfg, logits_processor=processors,
+                input_ids=input_ids.to(self.device),
+                attention_mask=attention.to(self.device),
+                generation_config=gen_cfg,
+                logits_processor=processors,
             )
         new_tokens = out.sequences[:, width:].cpu()
         logits = torch.stack(out.logits, dim=1).float()  # [rows, steps, vocab], raw
-        logps = torch.log_softmax(logits, dim=-1).gather(
-            -1, new_tokens[:, : logits.shape[1]].unsqueeze(-1).to(logits.device)
-        ).squeeze(-1).cpu()
+        logps = (
+            torch.log_softmax(logits, dim=-1)
+            .gather(-1, new_tokens[:, : logits.shape[1]].unsqueeze(-1).to(logits.device))
+            .squeeze(-1)
+            .cpu()
+        )
         eos = set(self.eos_ids)
         completions: list[Completion] = []
         for i in range(len(rows)):
             ids = new_tokens[i].tolist()
             stop = next((t for t, tok in enumerate(ids) if tok in eos), None)
             end = len(ids) if stop is None else stop + 1
-            completions.append(Completion(
-                token_ids=ids[:end], finish_reason="length" if stop is None else "stop",
-                logprobs=[float(x) for x in logps[i, :end]],
-            ))
-        return [completions[j * n:(j + 1) * n] for j in range(len(prompts))]
+            completions.append(
+                Completion(
+                    token_ids=ids[:end],
+                    finish_reason="length" if stop is None else "stop",
+                    logprobs=[float(x) for x in logps[i, :end]],
+                )
+            )
+        return [completions[j * n : (j + 1) * n] for j in range(len(prompts))]
 
 
 # -- vLLM backend ---------------------------------------------------------------------------------
 _ENGINE: dict[str, Any] = {}  # at most one live engine: {"key": ..., "llm": ...}
 
 
-def vllm_engine(model_dir: Path, *, dtype: str = "bfloat16", seed: int = 0, device: str = "auto",
-                tensor_parallel_size: int = 1, data_parallel_size: int = 1,
-                max_model_len: int | None = None, gpu_memory_utilization: float = 0.85,
-                kv_cache_gib: int = 1, trust_remote_code: bool = False) -> Any:
+def vllm_engine(
+    model_dir: Path,
+    *,
+    dtype: str = "bfloat16",
+    seed: int = 0,
+    device: str = "auto",
+    tensor_parallel_size: int = 1,
+    data_parallel_size: int = 1,
+    max_model_len: int | None = None,
+    gpu_memory_utilization: float = 0.85,
+    kv_cache_gib: int = 1,
+    trust_remote_code: bool = False,
+) -> Any:
     """A vLLM ``LLM`` for a local folder, reused while the settings stay the same.
 
     Keeps one engine per process (a second model replaces the first) so a process that
@@ -256,8 +310,12 @@ def vllm_engine(model_dir: Path, *, dtype: str = "bfloat16", seed: int = 0, devi
     check_sampling_model(model_dir)
     on_cpu = resolve_device(device) == "cpu"
     kwargs: dict[str, Any] = dict(
-        model=str(model_dir), tokenizer=str(model_dir), dtype=dtype, seed=seed,
-        tensor_parallel_size=tensor_parallel_size, max_model_len=max_model_len,
+        model=str(model_dir),
+        tokenizer=str(model_dir),
+        dtype=dtype,
+        seed=seed,
+        tensor_parallel_size=tensor_parallel_size,
+        max_model_len=max_model_len,
         trust_remote_code=trust_remote_code,
         # CUDA graphs / torch.compile are GPU-only speed-ups; on CPU eager mode is required.
         enforce_eager=on_cpu,
@@ -308,13 +366,20 @@ class VLLMSampler:
     def __init__(self, llm: Any) -> None:
         self.llm = llm
 
-    def sample(self, prompts: Sequence[list[int]], seeds: Sequence[int],
-               settings: SamplingSettings) -> list[list[Completion]]:
+    def sample(
+        self, prompts: Sequence[list[int]], seeds: Sequence[int], settings: SamplingSettings
+    ) -> list[list[Completion]]:
         from vllm import SamplingParams
 
         params = [
-            SamplingParams(n=settings.n, temperature=settings.temperature, top_p=settings.top_p,
-                           max_tokens=settings.max_tokens, seed=seed, logprobs=0)
+            SamplingParams(
+                n=settings.n,
+                temperature=settings.temperature,
+                top_p=settings.top_p,
+                max_tokens=settings.max_tokens,
+                seed=seed,
+                logprobs=0,
+            )
             for seed in seeds
         ]
         requests = [{"prompt_token_ids": list(p)} for p in prompts]
@@ -332,11 +397,17 @@ class VLLMSampler:
 
 
 # -- running a sampler over many prompts ----------------------------------------------------------
-def generate_rows(sampler: Sampler, tokenizer: Any, rows: Sequence[dict[str, Any]],
-                  prompts: PreparedPrompts, settings: SamplingSettings, batch_size: int,
-                  chunk_size: int, load_chunk: Callable[[int], list[dict[str, Any]] | None],
-                  save_chunk: Callable[[int, list[dict[str, Any]]], None],
-                  ) -> Iterator[tuple[int, int]]:
+def generate_rows(
+    sampler: Sampler,
+    tokenizer: Any,
+    rows: Sequence[dict[str, Any]],
+    prompts: PreparedPrompts,
+    settings: SamplingSettings,
+    batch_size: int,
+    chunk_size: int,
+    load_chunk: Callable[[int], list[dict[str, Any]] | None],
+    save_chunk: Callable[[int, list[dict[str, Any]]], None],
+) -> Iterator[tuple[int, int]]:
     """Sample every prompt in chunks (resumable units), yielding (prompts, new tokens) progress.
 
     ``load_chunk(i)`` returns a finished chunk from an earlier, killed run (or None);
@@ -355,43 +426,70 @@ def generate_rows(sampler: Sampler, tokenizer: Any, rows: Sequence[dict[str, Any
             e = min(b + step, stop)
             completions = sampler.sample(prompts.token_ids[b:e], seeds[b:e], settings)
             for i, comps in zip(range(b, e), completions, strict=True):
-                chunk_rows.append(sample_row(rows[i], prompts.token_ids[i], prompts.texts[i],
-                                             comps, tokenizer))
+                chunk_rows.append(
+                    sample_row(rows[i], prompts.token_ids[i], prompts.texts[i], comps, tokenizer)
+                )
             yield e - b, sum(len(c.token_ids) for comps in completions for c in comps)
         save_chunk(c, chunk_rows)
 
 
-def sample_row(row: dict[str, Any], prompt_ids: list[int], prompt_text: str,
-               completions: list[Completion], tokenizer: Any) -> dict[str, Any]:
+def sample_row(
+    row: dict[str, Any],
+    prompt_ids: list[int],
+    prompt_text: str,
+    completions: list[Completion],
+    tokenizer: Any,
+) -> dict[str, Any]:
     """One output row (the generate stage's samples.parquet schema)."""
     return {
         "prompt_id": str(row["prompt_id"]),
         "prompt": row["prompt"],
         "prompt_text": prompt_text,
         "prompt_token_ids": list(prompt_ids),
-        "responses": [tokenizer.decode(c.token_ids, skip_special_tokens=True)
-                      for c in completions],
+        "responses": [tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in completions],
         "response_token_ids": [list(c.token_ids) for c in completions],
         "finish_reasons": [c.finish_reason for c in completions],
         "sampling_logprobs": [list(c.logprobs) for c in completions],
     }
 
 
-def make_sampler(backend: str, model_dir: Path, *, dtype: str, device: str, seed: int,
-                 tensor_parallel_size: int = 1, data_parallel_size: int = 1,
-                 max_model_len: int | None = None, gpu_memory_utilization: float = 0.85,
-                 kv_cache_gib: int = 1, trust_remote_code: bool = False,
-                 allow_pickle: bool = False) -> Sampler:
+def make_sampler(
+    backend: str,
+    model_dir: Path,
+    *,
+    dtype: str,
+    device: str,
+    seed: int,
+    tensor_parallel_size: int = 1,
+    data_parallel_size: int = 1,
+    max_model_len: int | None = None,
+    gpu_memory_utilization: float = 0.85,
+    kv_cache_gib: int = 1,
+    trust_remote_code: bool = False,
+    allow_pickle: bool = False,
+) -> Sampler:
     check_sampling_model(model_dir)
     if backend == "transformers":
-        return TransformersSampler(model_dir, dtype=dtype, device=device,
-                                   trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+        return TransformersSampler(
+            model_dir,
+            dtype=dtype,
+            device=device,
+            trust_remote_code=trust_remote_code,
+            allow_pickle=allow_pickle,
+        )
     if backend == "vllm":
-        llm = vllm_engine(model_dir, dtype=dtype, seed=seed, device=device,
-                          tensor_parallel_size=tensor_parallel_size,
-                          data_parallel_size=data_parallel_size, max_model_len=max_model_len,
-                          gpu_memory_utilization=gpu_memory_utilization,
-                          kv_cache_gib=kv_cache_gib, trust_remote_code=trust_remote_code)
+        llm = vllm_engine(
+            model_dir,
+            dtype=dtype,
+            seed=seed,
+            device=device,
+            tensor_parallel_size=tensor_parallel_size,
+            data_parallel_size=data_parallel_size,
+            max_model_len=max_model_len,
+            gpu_memory_utilization=gpu_memory_utilization,
+            kv_cache_gib=kv_cache_gib,
+            trust_remote_code=trust_remote_code,
+        )
         return VLLMSampler(llm)
     raise ModelError(f"unknown generate.backend {backend!r}")
 

@@ -28,11 +28,14 @@ TokenSequence = tuple[list[int], list[int]]  # (prompt ids, response ids)
 
 
 class LogprobEngine(Protocol):
-    def __call__(self, sequences: Sequence[TokenSequence], desc: str = ...) -> list[list[float]]: ...
+    def __call__(
+        self, sequences: Sequence[TokenSequence], desc: str = ...
+    ) -> list[list[float]]: ...
 
 
-def tokenize_response(tokenizer: Any, prompt_ids: list[int], prompt_text: str, response: str,
-                      eos_id: int | None) -> tuple[list[int], bool]:
+def tokenize_response(
+    tokenizer: Any, prompt_ids: list[int], prompt_text: str, response: str, eos_id: int | None
+) -> tuple[list[int], bool]:
     """Response token ids to append to ``prompt_ids`` (EOS appended), and whether the joint
     tokenisation of prompt_text + response kept the prompt tokens as its prefix.
 
@@ -43,7 +46,7 @@ def tokenize_response(tokenizer: Any, prompt_ids: list[int], prompt_text: str, r
     joint = tokenizer(prompt_text + response, add_special_tokens=False)["input_ids"]
     kept = joint[: len(prompt_ids)] == list(prompt_ids)
     if kept:
-        ids = list(joint[len(prompt_ids):])
+        ids = list(joint[len(prompt_ids) :])
     else:
         ids = list(tokenizer(response, add_special_tokens=False)["input_ids"])
     if eos_id is not None:
@@ -54,17 +57,33 @@ def tokenize_response(tokenizer: Any, prompt_ids: list[int], prompt_text: str, r
 class TransformersLogprobs:
     """Response-token log-probs from a transformers model, batched by length."""
 
-    def __init__(self, model_dir: Path | str, dtype: str = "float32", device: str = "auto",
-                 batch_size: int = 16, trust_remote_code: bool = False,
-                 allow_pickle: bool = False, token_chunk_size: int = 1024) -> None:
+    def __init__(
+        self,
+        model_dir: Path | str,
+        dtype: str = "float32",
+        device: str = "auto",
+        batch_size: int = 16,
+        trust_remote_code: bool = False,
+        allow_pickle: bool = False,
+        token_chunk_size: int = 1024,
+    ) -> None:
         self.device = resolve_device(device)
-        self.model = load_causal_lm(model_dir, dtype=dtype, trust_remote_code=trust_remote_code,
-                                    allow_pickle=allow_pickle).to(self.device).eval()
+        self.model = (
+            load_causal_lm(
+                model_dir,
+                dtype=dtype,
+                trust_remote_code=trust_remote_code,
+                allow_pickle=allow_pickle,
+            )
+            .to(self.device)
+            .eval()
+        )
         self.batch_size = batch_size
         self.token_chunk_size = token_chunk_size
 
-    def __call__(self, sequences: Sequence[TokenSequence], desc: str = "log-probs"
-                 ) -> list[list[float]]:
+    def __call__(
+        self, sequences: Sequence[TokenSequence], desc: str = "log-probs"
+    ) -> list[list[float]]:
         import torch
         from tqdm import tqdm
 
@@ -73,13 +92,14 @@ class TransformersLogprobs:
         decoder = self.model.get_decoder()
         head = self.model.get_output_embeddings()
         # Longest first: batches of similar lengths waste little padding.
-        order = sorted(range(len(sequences)),
-                       key=lambda i: -(len(sequences[i][0]) + len(sequences[i][1])))
+        order = sorted(
+            range(len(sequences)), key=lambda i: -(len(sequences[i][0]) + len(sequences[i][1]))
+        )
         out: list[list[float]] = [[] for _ in sequences]
         total = sum(len(p) + len(r) for p, r in sequences)
         bar = tqdm(total=total, unit="tok", unit_scale=True, desc=desc)
         for b in range(0, len(order), self.batch_size):
-            idx = order[b:b + self.batch_size]
+            idx = order[b : b + self.batch_size]
             lengths = [len(sequences[i][0]) + len(sequences[i][1]) for i in idx]
             width = max(lengths)
             ids = torch.zeros((len(idx), width), dtype=torch.long)
@@ -88,20 +108,27 @@ class TransformersLogprobs:
             for row, i in enumerate(idx):
                 prompt, response = sequences[i]
                 if not prompt:
-                    raise ValueError("a sequence has an empty prompt: nothing predicts its first token")
+                    raise ValueError(
+                        "a sequence has an empty prompt: nothing predicts its first token"
+                    )
                 full = list(prompt) + list(response)
-                ids[row, :len(full)] = torch.tensor(full)
-                attention[row, :len(full)] = 1
-                mask[row, len(prompt):len(full)] = True
-            ids, attention, mask = ids.to(self.device), attention.to(self.device), mask.to(self.device)
+                ids[row, : len(full)] = torch.tensor(full)
+                attention[row, : len(full)] = 1
+                mask[row, len(prompt) : len(full)] = True
+            ids, attention, mask = (
+                ids.to(self.device),
+                attention.to(self.device),
+                mask.to(self.device),
+            )
             with torch.inference_mode():
                 hidden = decoder(input_ids=ids, attention_mask=attention).last_hidden_state
-                stats = response_token_stats(hidden, ids, mask, head, kl=False,
-                                             chunk_size=self.token_chunk_size)
+                stats = response_token_stats(
+                    hidden, ids, mask, head, kl=False, chunk_size=self.token_chunk_size
+                )
             logps = stats.logps.float().cpu()
             for row, i in enumerate(idx):
                 p, r = len(sequences[i][0]), len(sequences[i][1])
-                out[i] = [float(x) for x in logps[row, p:p + r]]
+                out[i] = [float(x) for x in logps[row, p : p + r]]
             bar.update(sum(lengths))
         bar.close()
         return out
@@ -113,8 +140,9 @@ class VLLMLogprobs:
     def __init__(self, llm: Any) -> None:
         self.llm = llm
 
-    def __call__(self, sequences: Sequence[TokenSequence], desc: str = "log-probs"
-                 ) -> list[list[float]]:
+    def __call__(
+        self, sequences: Sequence[TokenSequence], desc: str = "log-probs"
+    ) -> list[list[float]]:
         from vllm import SamplingParams
 
         params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False)
@@ -122,7 +150,8 @@ class VLLMLogprobs:
         outputs = self.llm.generate(requests, params, use_tqdm=True)
         result = []
         for (prompt, response), out in zip(sequences, outputs, strict=True):
-            positions = out.prompt_logprobs[len(prompt):]
-            result.append([float(step[tok].logprob)
-                           for step, tok in zip(positions, response, strict=True)])
+            positions = out.prompt_logprobs[len(prompt) :]
+            result.append(
+                [float(step[tok].logprob) for step, tok in zip(positions, response, strict=True)]
+            )
         return result

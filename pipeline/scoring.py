@@ -51,11 +51,14 @@ def load_reward_function(spec: str) -> RewardFn:
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
-        raise ScoringError(f"score.scorer.function={spec!r}: cannot import {module_name!r} ({e})"
-                           ) from None
+        raise ScoringError(
+            f"score.scorer.function={spec!r}: cannot import {module_name!r} ({e})"
+        ) from None
     fn = getattr(module, attr, None)
     if not callable(fn):
-        raise ScoringError(f"score.scorer.function={spec!r}: {module_name} has no function {attr!r}")
+        raise ScoringError(
+            f"score.scorer.function={spec!r}: {module_name} has no function {attr!r}"
+        )
     return fn
 
 
@@ -66,8 +69,13 @@ def _check_rewards(values: Any, expected: int) -> list[float]:
     return [float(v) for v in values]
 
 
-def call_reward_function(fn: RewardFn, prompts: Sequence[str], responses: Sequence[str],
-                         batch_size: int, desc: str = "score") -> tuple[np.ndarray, dict[int, str]]:
+def call_reward_function(
+    fn: RewardFn,
+    prompts: Sequence[str],
+    responses: Sequence[str],
+    batch_size: int,
+    desc: str = "score",
+) -> tuple[np.ndarray, dict[int, str]]:
     """Rewards (NaN where invalid) and {row: why} for rows that raised or were NaN/inf.
 
     A batch that raises is retried row by row, so one bad row does not hide the others.
@@ -79,8 +87,9 @@ def call_reward_function(fn: RewardFn, prompts: Sequence[str], responses: Sequen
     for b in tqdm(range(0, len(responses), batch_size), desc=desc, unit="batch"):
         rows = range(b, min(b + batch_size, len(responses)))
         try:
-            values = _check_rewards(fn([prompts[i] for i in rows], [responses[i] for i in rows]),
-                                    len(rows))
+            values = _check_rewards(
+                fn([prompts[i] for i in rows], [responses[i] for i in rows]), len(rows)
+            )
             for i, v in zip(rows, values, strict=True):
                 rewards[i] = v
         except Exception:
@@ -97,31 +106,51 @@ def call_reward_function(fn: RewardFn, prompts: Sequence[str], responses: Sequen
 class RewardModelScorer:
     """``AutoModelForSequenceClassification`` on chat-rendered (prompt, response) pairs."""
 
-    def __init__(self, model_dir: str | Path, dtype: str = "float32", device: str = "auto",
-                 max_length: int = 1024, trust_remote_code: bool = False) -> None:
+    def __init__(
+        self,
+        model_dir: str | Path,
+        dtype: str = "float32",
+        device: str = "auto",
+        max_length: int = 1024,
+        trust_remote_code: bool = False,
+    ) -> None:
         import torch
         from transformers import AutoModelForSequenceClassification
 
         path = check_model_folder(Path(model_dir).expanduser())
         self.device = resolve_device(device)
         self.tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
-        self.model = AutoModelForSequenceClassification.from_pretrained(
-            str(path), dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code,
-        ).to(self.device).eval()
+        self.model = (
+            AutoModelForSequenceClassification.from_pretrained(
+                str(path),
+                dtype=getattr(torch, dtype),
+                trust_remote_code=trust_remote_code,
+            )
+            .to(self.device)
+            .eval()
+        )
         if self.model.config.pad_token_id is None:
             self.model.config.pad_token_id = self.tokenizer.pad_token_id
         labels = self.model.config.num_labels
         if labels not in (1, 2):
-            raise ModelError(f"reward model {path} has {labels} labels; expected 1 (a score) or "
-                             "2 (negative, positive)")
+            raise ModelError(
+                f"reward model {path} has {labels} labels; expected 1 (a score) or "
+                "2 (negative, positive)"
+            )
         self.max_length = max_length
         self.path = path
 
     def text(self, prompt: str, response: str) -> str:
         if getattr(self.tokenizer, "chat_template", None):
-            return str(self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}],
-                tokenize=False))
+            return str(
+                self.tokenizer.apply_chat_template(
+                    [
+                        {"role": "user", "content": prompt},
+                        {"role": "assistant", "content": response},
+                    ],
+                    tokenize=False,
+                )
+            )
         return f"{prompt}\n{response}"
 
     def __call__(self, prompts: list[str], responses: list[str]) -> list[float]:
@@ -131,8 +160,10 @@ class RewardModelScorer:
         enc = self.tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt")
         too_long = int((enc["attention_mask"].sum(-1) > self.max_length).sum())
         if too_long:
-            raise ScoringError(f"{too_long} reward-model input(s) exceed score.scorer.max_length="
-                               f"{self.max_length} tokens")
+            raise ScoringError(
+                f"{too_long} reward-model input(s) exceed score.scorer.max_length="
+                f"{self.max_length} tokens"
+            )
         with torch.inference_mode():
             logits = self.model(**{k: v.to(self.device) for k, v in enc.items()}).logits.float()
         scores = logits[:, 0] if logits.shape[-1] == 1 else logits[:, 1] - logits[:, 0]
@@ -149,8 +180,9 @@ DEFAULT_JUDGE_TEMPLATE = (
 class JudgeScorer:
     """Pairwise LLM judge through vLLM; a response's score is its mean win probability."""
 
-    def __init__(self, llm: Any, tokenizer: Any, template: str | None = None,
-                 max_length: int = 1024) -> None:
+    def __init__(
+        self, llm: Any, tokenizer: Any, template: str | None = None, max_length: int = 1024
+    ) -> None:
         self.llm = llm
         self.tokenizer = tokenizer
         self.template = template or DEFAULT_JUDGE_TEMPLATE
@@ -161,18 +193,22 @@ class JudgeScorer:
         for letter in ("A", "B"):
             ids = tokenizer(letter, add_special_tokens=False)["input_ids"]
             if len(ids) != 1:
-                raise ModelError(f"judge tokenizer splits {letter!r} into {len(ids)} tokens; "
-                                 "the judge needs single-token answers")
+                raise ModelError(
+                    f"judge tokenizer splits {letter!r} into {len(ids)} tokens; "
+                    "the judge needs single-token answers"
+                )
             self.answer_ids.append(ids[0])
         self.max_length = max_length
 
     def judge_ids(self, prompt: str, a: str, b: str) -> list[int]:
-        text = render_prompt(self.tokenizer, self.template.format(
-            prompt=prompt, response_a=a, response_b=b))
+        text = render_prompt(
+            self.tokenizer, self.template.format(prompt=prompt, response_a=a, response_b=b)
+        )
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    def score_groups(self, prompts: Sequence[str], groups: Sequence[Sequence[str]]
-                     ) -> list[list[float]]:
+    def score_groups(
+        self, prompts: Sequence[str], groups: Sequence[Sequence[str]]
+    ) -> list[list[float]]:
         """Per prompt, the mean win probability of each of its responses."""
         from vllm import SamplingParams
 
@@ -185,16 +221,22 @@ class JudgeScorer:
                         if len(ids) + 1 > self.max_length:
                             raise ScoringError(
                                 f"judge prompt for prompt #{g} is {len(ids)} tokens, over "
-                                f"score.scorer.max_length={self.max_length}")
+                                f"score.scorer.max_length={self.max_length}"
+                            )
                         comparisons.append((g, i, j, ids))
         params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False)
-        requests = [{"prompt_token_ids": ids + [answer]}
-                    for *_, ids in comparisons for answer in self.answer_ids]
+        requests = [
+            {"prompt_token_ids": ids + [answer]}
+            for *_, ids in comparisons
+            for answer in self.answer_ids
+        ]
         outputs = self.llm.generate(requests, params, use_tqdm=True)
         wins = [np.zeros(len(r)) for r in groups]
         for c, (g, i, j, _) in enumerate(comparisons):
-            log_a, log_b = (float(outputs[2 * c + k].prompt_logprobs[-1][self.answer_ids[k]].logprob)
-                            for k in (0, 1))
+            log_a, log_b = (
+                float(outputs[2 * c + k].prompt_logprobs[-1][self.answer_ids[k]].logprob)
+                for k in (0, 1)
+            )
             p_a = 1.0 / (1.0 + math.exp(log_b - log_a))
             wins[g][i] += p_a
             wins[g][j] += 1.0 - p_a
@@ -202,11 +244,13 @@ class JudgeScorer:
         return [list(w / max(2 * (len(w) - 1), 1)) for w in wins]
 
 
-def implicit_rewards(policy_logps: Sequence[Sequence[float]], ref_logps: Sequence[Sequence[float]],
-                     beta: float) -> np.ndarray:
+def implicit_rewards(
+    policy_logps: Sequence[Sequence[float]], ref_logps: Sequence[Sequence[float]], beta: float
+) -> np.ndarray:
     """DICE's reward of the previous policy: beta * sum_t (log pi(y_t) - log pi_ref(y_t))."""
-    return np.array([beta * (math.fsum(p) - math.fsum(r))
-                     for p, r in zip(policy_logps, ref_logps, strict=True)])
+    return np.array(
+        [beta * (math.fsum(p) - math.fsum(r)) for p, r in zip(policy_logps, ref_logps, strict=True)]
+    )
 
 
 # -- pairs ------------------------------------------------------------------------------------------
@@ -240,9 +284,15 @@ def _rng(seed: int, prompt_id: str) -> np.random.Generator:
     return np.random.default_rng(int.from_bytes(digest[:8], "little"))
 
 
-def build_pairs(groups: Sequence[PromptGroup], strategy: str = "best_vs_worst",
-                min_margin: float = 0.0, drop_ties: bool = True, drop_truncated: bool = True,
-                alpha: float = 0.0, seed: int = 0) -> PairResult:
+def build_pairs(
+    groups: Sequence[PromptGroup],
+    strategy: str = "best_vs_worst",
+    min_margin: float = 0.0,
+    drop_ties: bool = True,
+    drop_truncated: bool = True,
+    alpha: float = 0.0,
+    seed: int = 0,
+) -> PairResult:
     """Preference pairs from scored groups; ``drops`` counts every response and prompt left out.
 
     A pair is kept when its margin (in selection score) is >= min_margin and, with drop_ties,
@@ -289,8 +339,12 @@ def build_pairs(groups: Sequence[PromptGroup], strategy: str = "best_vs_worst",
             a, b = _rng(seed, group.prompt_id).choice(usable, size=2, replace=False).tolist()
             candidates = [(a, b) if score[a] >= score[b] else (b, a)]
         else:
-            candidates = [(c, r) for c in usable for r in usable
-                          if score[c] > score[r] or (score[c] == score[r] and c < r)]
+            candidates = [
+                (c, r)
+                for c in usable
+                for r in usable
+                if score[c] > score[r] or (score[c] == score[r] and c < r)
+            ]
         kept = [(c, r) for c, r in candidates if keep(c, r)]
         if not kept:
             tied = all(score[c] == score[r] for c, r in candidates)
@@ -304,12 +358,19 @@ def length_gap(groups: Sequence[PromptGroup], result: PairResult) -> float:
     """Mean chosen length minus mean rejected length over the pairs."""
     if not result.pairs:
         return 0.0
-    return float(np.mean([groups[p.group].lengths[p.chosen] - groups[p.group].lengths[p.rejected]
-                          for p in result.pairs]))
+    return float(
+        np.mean(
+            [
+                groups[p.group].lengths[p.chosen] - groups[p.group].lengths[p.rejected]
+                for p in result.pairs
+            ]
+        )
+    )
 
 
-def length_balanced_alpha(groups: Sequence[PromptGroup], max_candidates: int = 256,
-                          **pair_kwargs: Any) -> float:
+def length_balanced_alpha(
+    groups: Sequence[PromptGroup], max_candidates: int = 256, **pair_kwargs: Any
+) -> float:
     """DICE's alpha: the smallest alpha >= 0 whose pairs have the most balanced mean lengths.
 
     The pairs only change where two responses' scores r - alpha * L cross, at
@@ -346,15 +407,22 @@ def replay_count(num_generated: int, fraction: float, available: int) -> int:
     return min(available, round(fraction * num_generated / (1.0 - fraction)))
 
 
-def read_preference_rows(path: str | Path, tokenizer: Any, drop_bad: bool = False
-                         ) -> list[dict[str, Any]]:
+def read_preference_rows(
+    path: str | Path, tokenizer: Any, drop_bad: bool = False
+) -> list[dict[str, Any]]:
     """A user preference dataset (TRL formats) -> rows {prompt, prompt_text, chosen, rejected}."""
     from pipeline import data
 
     rows = data.validate_rows(data.load_records(path), "preference", drop_bad, str(path))
-    return [{"prompt": data.prompt_display(r["prompt"]),
-             "prompt_text": render_prompt(tokenizer, r["prompt"]),
-             "chosen": r["chosen"], "rejected": r["rejected"]} for r in rows]
+    return [
+        {
+            "prompt": data.prompt_display(r["prompt"]),
+            "prompt_text": render_prompt(tokenizer, r["prompt"]),
+            "chosen": r["chosen"],
+            "rejected": r["rejected"],
+        }
+        for r in rows
+    ]
 
 
 def describe_errors(errors: dict[int, str], where: Callable[[int], str], limit: int = 10) -> str:
@@ -369,8 +437,9 @@ def warn(message: str) -> None:
 
 
 # -- text pairs (offline mode, replay) -------------------------------------------------------------
-def text_pairs(rows: Sequence[dict[str, Any]], tokenizer: Any, cfg: Any, source: str,
-               where: str) -> tuple[list[dict[str, Any]], dict[str, int]]:
+def text_pairs(
+    rows: Sequence[dict[str, Any]], tokenizer: Any, cfg: Any, source: str, where: str
+) -> tuple[list[dict[str, Any]], dict[str, int]]:
     """Preference rows {prompt_id, prompt, prompt_text, chosen, rejected} -> pair rows.
 
     The prompt is tokenised once (truncated or refused per generate.long_prompts), each response
@@ -380,9 +449,14 @@ def text_pairs(rows: Sequence[dict[str, Any]], tokenizer: Any, cfg: Any, source:
     from pipeline.reference import tokenize_response
 
     prepared = prepare_prompts(
-        tokenizer, [str(r["prompt_id"]) for r in rows], [r["prompt"] for r in rows],
-        [r["prompt_text"] for r in rows], cfg.model.max_prompt_length,
-        cfg.generate.long_prompts, where)
+        tokenizer,
+        [str(r["prompt_id"]) for r in rows],
+        [r["prompt"] for r in rows],
+        [r["prompt_text"] for r in rows],
+        cfg.model.max_prompt_length,
+        cfg.generate.long_prompts,
+        where,
+    )
     stats: Counter[str] = Counter(prompts_truncated=sum(prepared.truncated))
     pairs = []
     for row, prompt_ids, prompt_text in zip(rows, prepared.token_ids, prepared.texts, strict=True):
@@ -390,8 +464,9 @@ def text_pairs(rows: Sequence[dict[str, Any]], tokenizer: Any, cfg: Any, source:
         budget = cfg.model.max_length - len(prompt_ids)
         sides = {}
         for side in ("chosen", "rejected"):
-            ids, kept = tokenize_response(tokenizer, full_ids, row["prompt_text"], row[side],
-                                          tokenizer.eos_token_id)
+            ids, kept = tokenize_response(
+                tokenizer, full_ids, row["prompt_text"], row[side], tokenizer.eos_token_id
+            )
             stats["tokenisation_boundary_mismatch"] += int(not kept)
             if len(ids) > budget:
                 ids = ids[:budget]
@@ -401,25 +476,44 @@ def text_pairs(rows: Sequence[dict[str, Any]], tokenizer: Any, cfg: Any, source:
             stats["pairs_identical_after_cut"] += 1
             continue
         pid = str(row["prompt_id"])
-        pairs.append({
-            "prompt_id": pid, "prompt": row["prompt"], "prompt_text": prompt_text,
-            "prompt_token_ids": prompt_ids, "chosen": row["chosen"], "rejected": row["rejected"],
-            "chosen_token_ids": sides["chosen"], "rejected_token_ids": sides["rejected"],
-            # Dataset ratings when it has them (the built-in human pairs do), else not scored.
-            "chosen_reward": float(row.get("chosen_rating", row.get("score_chosen")) or math.nan),
-            "rejected_reward": float(row.get("rejected_rating", row.get("score_rejected"))
-                                     or math.nan),
-            "source": source, "_keys": ((pid, "chosen"), (pid, "rejected")),
-        })
+        pairs.append(
+            {
+                "prompt_id": pid,
+                "prompt": row["prompt"],
+                "prompt_text": prompt_text,
+                "prompt_token_ids": prompt_ids,
+                "chosen": row["chosen"],
+                "rejected": row["rejected"],
+                "chosen_token_ids": sides["chosen"],
+                "rejected_token_ids": sides["rejected"],
+                # Dataset ratings when it has them (the built-in human pairs do), else not scored.
+                "chosen_reward": float(
+                    row.get("chosen_rating", row.get("score_chosen")) or math.nan
+                ),
+                "rejected_reward": float(
+                    row.get("rejected_rating", row.get("score_rejected")) or math.nan
+                ),
+                "source": source,
+                "_keys": ((pid, "chosen"), (pid, "rejected")),
+            }
+        )
     if stats["tokenisation_boundary_mismatch"]:
-        warn(f"{stats['tokenisation_boundary_mismatch']} response(s) in {where} merged with the "
-             "prompt's last token when tokenised together; they were tokenised on their own")
+        warn(
+            f"{stats['tokenisation_boundary_mismatch']} response(s) in {where} merged with the "
+            "prompt's last token when tokenised together; they were tokenised on their own"
+        )
     return pairs, {k: v for k, v in stats.items() if v}
 
 
-def token_weights(positive_logps: Sequence[float], negative_logps: Sequence[float], side: str,
-                  transform: str, params: dict[str, float], ends_with_eos: bool,
-                  generator: Any = None) -> list[float]:
+def token_weights(
+    positive_logps: Sequence[float],
+    negative_logps: Sequence[float],
+    side: str,
+    transform: str,
+    params: dict[str, float],
+    ends_with_eos: bool,
+    generator: Any = None,
+) -> list[float]:
     """TIS-DPO weights of one response's tokens (pipeline.objectives' estimator)."""
     import torch
 
@@ -429,30 +523,47 @@ def token_weights(positive_logps: Sequence[float], negative_logps: Sequence[floa
     weights = contrastive_token_weights(
         torch.tensor([list(positive_logps)], dtype=torch.float64),
         torch.tensor([list(negative_logps)], dtype=torch.float64),
-        torch.ones((1, n), dtype=torch.bool), side=side, transform=transform,
-        transform_params=params, zero_last_token=ends_with_eos, generator=generator)
+        torch.ones((1, n), dtype=torch.bool),
+        side=side,
+        transform=transform,
+        transform_params=params,
+        zero_last_token=ends_with_eos,
+        generator=generator,
+    )
     return [float(x) for x in weights[0]]
 
 
-def write_summary_plot(path: Path, scored: Sequence[dict[str, Any]],
-                       pairs: Sequence[dict[str, Any]]) -> None:
+def write_summary_plot(
+    path: Path, scored: Sequence[dict[str, Any]], pairs: Sequence[dict[str, Any]]
+) -> None:
     """Reward distribution, pair margins and chosen/rejected lengths in one PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rewards = [r["reward"] for r in scored if not r["invalid_reason"] and math.isfinite(r["reward"])]
-    margins = [p["chosen_reward"] - p["rejected_reward"] for p in pairs
-               if math.isfinite(p["chosen_reward"] - p["rejected_reward"])]
+    rewards = [
+        r["reward"] for r in scored if not r["invalid_reason"] and math.isfinite(r["reward"])
+    ]
+    margins = [
+        p["chosen_reward"] - p["rejected_reward"]
+        for p in pairs
+        if math.isfinite(p["chosen_reward"] - p["rejected_reward"])
+    ]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     axes[0].hist(rewards, bins=30, color="tab:blue")
     axes[0].set(title=f"rewards ({len(rewards)} responses)", xlabel="reward", ylabel="count")
     axes[1].hist(margins, bins=30, color="tab:green")
     axes[1].set(title=f"pair margins ({len(margins)} pairs)", xlabel="chosen - rejected reward")
-    axes[2].hist([[len(p["chosen_token_ids"]) for p in pairs],
-                  [len(p["rejected_token_ids"]) for p in pairs]],
-                 bins=20, label=["chosen", "rejected"], color=["tab:green", "tab:red"])
+    axes[2].hist(
+        [
+            [len(p["chosen_token_ids"]) for p in pairs],
+            [len(p["rejected_token_ids"]) for p in pairs],
+        ],
+        bins=20,
+        label=["chosen", "rejected"],
+        color=["tab:green", "tab:red"],
+    )
     axes[2].set(title="response lengths", xlabel="tokens")
     axes[2].legend()
     fig.tight_layout()

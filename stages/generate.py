@@ -41,8 +41,11 @@ def sampling_model_dir(cfg: RunConfig, prepare_manifest: dict[str, Any]) -> Path
 def run(cfg: RunConfig, store: RunStore, force: bool = False) -> None:
     g = cfg.generate
     if cfg.data.task == "preference":
-        print("[generate] data.task=preference: pairs come from the dataset (offline mode); "
-              "nothing to generate", file=sys.stderr)
+        print(
+            "[generate] data.task=preference: pairs come from the dataset (offline mode); "
+            "nothing to generate",
+            file=sys.stderr,
+        )
         return
     if g.max_tokens + cfg.model.max_prompt_length > cfg.model.max_length:
         raise ConfigError(
@@ -64,23 +67,36 @@ def run(cfg: RunConfig, store: RunStore, force: bool = False) -> None:
         rows = data.read_rows(source)
         tokenizer = load_tokenizer(model_dir, trust_remote_code=cfg.model.trust_remote_code)
         prompts = prepare_prompts(
-            tokenizer, [str(r["prompt_id"]) for r in rows], [r["prompt"] for r in rows],
-            [r["prompt_text"] for r in rows], cfg.model.max_prompt_length, g.long_prompts,
+            tokenizer,
+            [str(r["prompt_id"]) for r in rows],
+            [r["prompt"] for r in rows],
+            [r["prompt_text"] for r in rows],
+            cfg.model.max_prompt_length,
+            g.long_prompts,
             str(source),
         )
-        settings = SamplingSettings(n=g.n, temperature=g.temperature, top_p=g.top_p,
-                                    max_tokens=g.max_tokens, seed=g.seed)
+        settings = SamplingSettings(
+            n=g.n, temperature=g.temperature, top_p=g.top_p, max_tokens=g.max_tokens, seed=g.seed
+        )
         sampler = make_sampler(
-            g.backend, model_dir, dtype=g.dtype, device=g.device, seed=g.seed,
-            tensor_parallel_size=g.tensor_parallel_size, data_parallel_size=g.data_parallel_size,
-            max_model_len=g.max_model_len, gpu_memory_utilization=g.gpu_memory_utilization,
-            kv_cache_gib=g.kv_cache_gib, trust_remote_code=cfg.model.trust_remote_code,
+            g.backend,
+            model_dir,
+            dtype=g.dtype,
+            device=g.device,
+            seed=g.seed,
+            tensor_parallel_size=g.tensor_parallel_size,
+            data_parallel_size=g.data_parallel_size,
+            max_model_len=g.max_model_len,
+            gpu_memory_utilization=g.gpu_memory_utilization,
+            kv_cache_gib=g.kv_cache_gib,
+            trust_remote_code=cfg.model.trust_remote_code,
             allow_pickle=cfg.model.allow_pickle_weights,
         )
 
         # Chunks from a killed run are reused only for exactly this config, input and model.
         scratch = store.scratch_dir("generate") / config_hash(
-            [store.expected_hash("generate"), prep["output_hash"], str(model_dir), fingerprint])
+            [store.expected_hash("generate"), prep["output_hash"], str(model_dir), fingerprint]
+        )
         chunk_path = lambda c: scratch / f"chunk-{c:05d}.parquet"  # noqa: E731
 
         def load_chunk(c: int) -> list[dict[str, Any]] | None:
@@ -96,14 +112,24 @@ def run(cfg: RunConfig, store: RunStore, force: bool = False) -> None:
         speed = Throughput()
         bar = tqdm(total=len(rows), unit="prompt", desc=f"generate ({g.backend})")
         for done_prompts, tokens in generate_rows(
-            sampler, tokenizer, rows, prompts, settings, g.batch_size, g.chunk_size,
-            load_chunk, save_chunk,
+            sampler,
+            tokenizer,
+            rows,
+            prompts,
+            settings,
+            g.batch_size,
+            g.chunk_size,
+            load_chunk,
+            save_chunk,
         ):
             bar.update(done_prompts)
             bar.set_postfix(tok_s=f"{speed.add(tokens):.1f}")
         bar.close()
-        samples = [r for c in range((len(rows) + g.chunk_size - 1) // g.chunk_size)
-                   for r in (load_chunk(c) or [])]
+        samples = [
+            r
+            for c in range((len(rows) + g.chunk_size - 1) // g.chunk_size)
+            for r in (load_chunk(c) or [])
+        ]
         assert len(samples) == len(rows), "a generated chunk went missing from scratch"
         data.write_rows(st.dir / "samples.parquet", samples)
 
@@ -119,17 +145,28 @@ def run(cfg: RunConfig, store: RunStore, force: bool = False) -> None:
             "finish_length": reasons.get("length", 0),
             "tokens_per_s": speed.rate,
         }
-        st.record(backend=g.backend, model_dir=str(model_dir), model_fingerprint=fingerprint,
-                  sampling=settings.as_dict(), summary=summary)
+        st.record(
+            backend=g.backend,
+            model_dir=str(model_dir),
+            model_fingerprint=fingerprint,
+            sampling=settings.as_dict(),
+            summary=summary,
+        )
         if store.is_writer:
-            with tracking.stage_run(cfg, "generate", params={
-                "backend": g.backend, "model_dir": str(model_dir), **settings.as_dict()}):
+            with tracking.stage_run(
+                cfg,
+                "generate",
+                params={"backend": g.backend, "model_dir": str(model_dir), **settings.as_dict()},
+            ):
                 import mlflow
 
                 mlflow.log_metrics({k: float(v) for k, v in summary.items()})
-        print(f"[generate] {summary['samples']} samples for {len(rows)} prompts "
-              f"({summary['truncated_prompts']} prompts truncated), "
-              f"{summary['tokens_per_s']:.1f} tok/s -> {st.final_dir}", file=sys.stderr)
+        print(
+            f"[generate] {summary['samples']} samples for {len(rows)} prompts "
+            f"({summary['truncated_prompts']} prompts truncated), "
+            f"{summary['tokens_per_s']:.1f} tok/s -> {st.final_dir}",
+            file=sys.stderr,
+        )
     shutil.rmtree(store.scratch_dir("generate"), ignore_errors=True)
 
 

@@ -59,8 +59,10 @@ def needs_token_weights(cfg: RunConfig) -> bool:
     from pipeline.objectives import make_objective
 
     try:
-        return "chosen_weights" in make_objective(cfg.train.objective,
-                                                  **objective_kwargs(cfg.train)).requires
+        return (
+            "chosen_weights"
+            in make_objective(cfg.train.objective, **objective_kwargs(cfg.train)).requires
+        )
     except (TypeError, ValueError):
         return cfg.train.objective == "tisdpo"
 
@@ -76,23 +78,39 @@ class LogprobModels:
         s, g = self.cfg.score, self.cfg.generate
         if model_dir not in self.engines:
             if s.reference_logps == "vllm":
-                self.engines[model_dir] = VLLMLogprobs(vllm_engine(
-                    model_dir, dtype=s.reference_dtype, seed=g.seed, device=g.device,
-                    tensor_parallel_size=g.tensor_parallel_size,
-                    data_parallel_size=g.data_parallel_size, max_model_len=g.max_model_len,
-                    gpu_memory_utilization=g.gpu_memory_utilization, kv_cache_gib=g.kv_cache_gib,
-                    trust_remote_code=self.cfg.model.trust_remote_code))
+                self.engines[model_dir] = VLLMLogprobs(
+                    vllm_engine(
+                        model_dir,
+                        dtype=s.reference_dtype,
+                        seed=g.seed,
+                        device=g.device,
+                        tensor_parallel_size=g.tensor_parallel_size,
+                        data_parallel_size=g.data_parallel_size,
+                        max_model_len=g.max_model_len,
+                        gpu_memory_utilization=g.gpu_memory_utilization,
+                        kv_cache_gib=g.kv_cache_gib,
+                        trust_remote_code=self.cfg.model.trust_remote_code,
+                    )
+                )
             else:
                 self.engines[model_dir] = TransformersLogprobs(
-                    model_dir, dtype=s.reference_dtype, device=s.device,
-                    batch_size=2 * s.batch_size, trust_remote_code=self.cfg.model.trust_remote_code,
-                    allow_pickle=self.cfg.model.allow_pickle_weights)
+                    model_dir,
+                    dtype=s.reference_dtype,
+                    device=s.device,
+                    batch_size=2 * s.batch_size,
+                    trust_remote_code=self.cfg.model.trust_remote_code,
+                    allow_pickle=self.cfg.model.allow_pickle_weights,
+                )
         return self.engines[model_dir]
 
 
-def score_samples(cfg: RunConfig, samples: list[dict[str, Any]], policy_dir: Path,
-                  reference_dir: Path, logprobs: LogprobModels
-                  ) -> tuple[np.ndarray, dict[int, str], str, list[list[float]] | None]:
+def score_samples(
+    cfg: RunConfig,
+    samples: list[dict[str, Any]],
+    policy_dir: Path,
+    reference_dir: Path,
+    logprobs: LogprobModels,
+) -> tuple[np.ndarray, dict[int, str], str, list[list[float]] | None]:
     """Rewards of every response (flattened prompt-major), invalid rows, the scorer's name, and
     the reference log-probs of every response when they were computed on the way (DICE)."""
     sc = cfg.score.scorer
@@ -100,8 +118,11 @@ def score_samples(cfg: RunConfig, samples: list[dict[str, Any]], policy_dir: Pat
     prompts = [r["prompt"] for r, _ in flat]
     responses = [r["responses"][k] for r, k in flat]
     if cfg.score.dice.enabled:
-        dice_policy = (_model_dir(cfg.score.dice.policy_model, "score.dice.policy_model")
-                       if cfg.score.dice.policy_model else policy_dir)
+        dice_policy = (
+            _model_dir(cfg.score.dice.policy_model, "score.dice.policy_model")
+            if cfg.score.dice.policy_model
+            else policy_dir
+        )
         seqs = [(r["prompt_token_ids"], r["response_token_ids"][k]) for r, k in flat]
         ref = logprobs(reference_dir)(seqs, desc="reference log-probs")
         pol = logprobs(dice_policy)(seqs, desc="policy log-probs")
@@ -115,17 +136,28 @@ def score_samples(cfg: RunConfig, samples: list[dict[str, Any]], policy_dir: Pat
     assert sc.model is not None  # validated by ScorerConfig
     model_dir = _model_dir(sc.model, "score.scorer.model")
     if sc.kind == "reward_model":
-        rm = RewardModelScorer(model_dir, dtype=sc.dtype, device=cfg.score.device,
-                               max_length=sc.max_length,
-                               trust_remote_code=cfg.model.trust_remote_code)
+        rm = RewardModelScorer(
+            model_dir,
+            dtype=sc.dtype,
+            device=cfg.score.device,
+            max_length=sc.max_length,
+            trust_remote_code=cfg.model.trust_remote_code,
+        )
         rewards, errors = call_reward_function(rm, prompts, responses, sc.batch_size)
         return rewards, errors, f"reward_model({model_dir})", None
     g = cfg.generate
-    llm = vllm_engine(model_dir, dtype=sc.dtype, seed=g.seed, device=g.device,
-                      tensor_parallel_size=g.tensor_parallel_size,
-                      data_parallel_size=g.data_parallel_size, max_model_len=g.max_model_len,
-                      gpu_memory_utilization=g.gpu_memory_utilization,
-                      kv_cache_gib=g.kv_cache_gib, trust_remote_code=cfg.model.trust_remote_code)
+    llm = vllm_engine(
+        model_dir,
+        dtype=sc.dtype,
+        seed=g.seed,
+        device=g.device,
+        tensor_parallel_size=g.tensor_parallel_size,
+        data_parallel_size=g.data_parallel_size,
+        max_model_len=g.max_model_len,
+        gpu_memory_utilization=g.gpu_memory_utilization,
+        kv_cache_gib=g.kv_cache_gib,
+        trust_remote_code=cfg.model.trust_remote_code,
+    )
     judge = JudgeScorer(llm, load_tokenizer(model_dir), sc.judge_template, sc.max_length)
     scores = judge.score_groups([r["prompt"] for r in samples], [r["responses"] for r in samples])
     rewards = np.array([v for group in scores for v in group], dtype=float)
@@ -146,12 +178,19 @@ class Scored:
     known_ref: dict[Any, list[float]] = field(default_factory=dict)
 
 
-def pairs_from_samples(cfg: RunConfig, store: RunStore, tokenizer: Any, policy_dir: Path,
-                       reference_dir: Path, logprobs: LogprobModels) -> Scored:
+def pairs_from_samples(
+    cfg: RunConfig,
+    store: RunStore,
+    tokenizer: Any,
+    policy_dir: Path,
+    reference_dir: Path,
+    logprobs: LogprobModels,
+) -> Scored:
     s = cfg.score
     samples = data.read_rows(store.stage_dir("generate") / "samples.parquet")
     rewards, errors, scorer_name, all_ref = score_samples(
-        cfg, samples, policy_dir, reference_dir, logprobs)
+        cfg, samples, policy_dir, reference_dir, logprobs
+    )
     flat_keys = [(r["prompt_id"], k) for r in samples for k in range(len(r["responses"]))]
 
     def where(i: int) -> str:
@@ -161,26 +200,39 @@ def pairs_from_samples(cfg: RunConfig, store: RunStore, tokenizer: Any, policy_d
         raise ScoringError(
             f"{len(errors)} of {len(rewards)} responses got no valid reward from {scorer_name}:\n"
             f"{describe_errors(errors, where)}\n"
-            "set score.scorer.drop_invalid=true to drop them and go on")
+            "set score.scorer.drop_invalid=true to drop them and go on"
+        )
     if errors:
-        warn(f"dropping {len(errors)} responses without a valid reward; first: "
-             f"{describe_errors(errors, where, limit=1).strip()}")
+        warn(
+            f"dropping {len(errors)} responses without a valid reward; first: "
+            f"{describe_errors(errors, where, limit=1).strip()}"
+        )
     groups, scored_rows = _groups(samples, rewards, errors, s.dice.length_unit)
     out = Scored(pairs=[], scored_rows=scored_rows, scorer=scorer_name)
     if all_ref is not None:
         out.known_ref.update(zip(flat_keys, all_ref, strict=True))
-    pair_kwargs: dict[str, Any] = dict(strategy=s.pair_strategy, min_margin=s.min_margin,
-                                       drop_ties=s.drop_ties, drop_truncated=s.drop_truncated,
-                                       seed=s.seed)
+    pair_kwargs: dict[str, Any] = dict(
+        strategy=s.pair_strategy,
+        min_margin=s.min_margin,
+        drop_ties=s.drop_ties,
+        drop_truncated=s.drop_truncated,
+        seed=s.seed,
+    )
     if s.dice.enabled:
-        out.alpha = (length_balanced_alpha(groups, **pair_kwargs)
-                     if s.dice.length_alpha == "auto" else float(s.dice.length_alpha))
-        out.counts["length_gap_unregularised"] = length_gap(groups,
-                                                            build_pairs(groups, **pair_kwargs))
+        out.alpha = (
+            length_balanced_alpha(groups, **pair_kwargs)
+            if s.dice.length_alpha == "auto"
+            else float(s.dice.length_alpha)
+        )
+        out.counts["length_gap_unregularised"] = length_gap(
+            groups, build_pairs(groups, **pair_kwargs)
+        )
     result = build_pairs(groups, alpha=out.alpha, **pair_kwargs)
     out.drops = dict(sorted(result.drops.items()))
-    out.pairs = [_pair_row(samples[p.group], p.chosen, p.rejected, groups[p.group].rewards)
-                 for p in result.pairs]
+    out.pairs = [
+        _pair_row(samples[p.group], p.chosen, p.rejected, groups[p.group].rewards)
+        for p in result.pairs
+    ]
     out.counts["generated_pairs"] = len(out.pairs)
     if s.dice.enabled:
         out.counts["length_gap"] = length_gap(groups, result)
@@ -211,11 +263,14 @@ def run(cfg: RunConfig, store: RunStore, force: bool = False) -> None:
             if ref_tok.get_vocab() != tokenizer.get_vocab():
                 raise ScoringError(
                     f"the reference model {reference_dir} has a different vocabulary from the "
-                    f"generating model {policy_dir}: token ids cannot be shared")
+                    f"generating model {policy_dir}: token ids cannot be shared"
+                )
         logprobs = LogprobModels(cfg)
         if offline:
             source = store.stage_dir("prepare") / "preference.parquet"
-            pairs, stats = text_pairs(data.read_rows(source), tokenizer, cfg, "offline", str(source))
+            pairs, stats = text_pairs(
+                data.read_rows(source), tokenizer, cfg, "offline", str(source)
+            )
             result = Scored(pairs=pairs, counts=dict(stats))
         else:
             result = pairs_from_samples(cfg, store, tokenizer, policy_dir, reference_dir, logprobs)
@@ -223,7 +278,8 @@ def run(cfg: RunConfig, store: RunStore, force: bool = False) -> None:
         if not pairs:
             raise ScoringError(
                 f"no preference pairs left (drops: {result.drops or 'none'}); check the scorer, "
-                "score.drop_ties / score.drop_truncated / score.min_margin")
+                "score.drop_ties / score.drop_truncated / score.min_margin"
+            )
 
         # Reference log-probs: every distinct response once.
         if s.reference_logps != "none":
@@ -233,7 +289,8 @@ def run(cfg: RunConfig, store: RunStore, force: bool = False) -> None:
                 p["ref_chosen_logps"], p["ref_rejected_logps"] = [], []
         if needs_token_weights(cfg):
             result.counts["tisdpo_models"] = _attach_token_weights(
-                cfg, pairs, tokenizer, policy_dir, reference_dir, logprobs, result.known_ref)
+                cfg, pairs, tokenizer, policy_dir, reference_dir, logprobs, result.known_ref
+            )
 
         for p in pairs:
             del p["_keys"]
@@ -243,33 +300,59 @@ def run(cfg: RunConfig, store: RunStore, force: bool = False) -> None:
         summary = _summary(scored_rows, pairs, result.drops, result.alpha)
         write_summary_plot(st.dir / "summary.png", scored_rows, pairs)
         st.record(
-            counts={**result.counts, "pairs": len(pairs)}, drops=result.drops, summary=summary,
-            scorer=result.scorer, reference_model_dir=str(reference_dir),
-            policy_model_dir=str(policy_dir), model_fingerprints=fingerprints,
+            counts={**result.counts, "pairs": len(pairs)},
+            drops=result.drops,
+            summary=summary,
+            scorer=result.scorer,
+            reference_model_dir=str(reference_dir),
+            policy_model_dir=str(policy_dir),
+            model_fingerprints=fingerprints,
             reference_logps=s.reference_logps,
             dice_alpha=result.alpha if s.dice.enabled else None,
         )
         if store.is_writer:
-            with tracking.stage_run(cfg, "score", params={
-                "scorer": result.scorer, "pair_strategy": s.pair_strategy,
-                "reference_model_dir": str(reference_dir), "policy_model_dir": str(policy_dir)}):
+            with tracking.stage_run(
+                cfg,
+                "score",
+                params={
+                    "scorer": result.scorer,
+                    "pair_strategy": s.pair_strategy,
+                    "reference_model_dir": str(reference_dir),
+                    "policy_model_dir": str(policy_dir),
+                },
+            ):
                 import mlflow
 
                 mlflow.log_metrics({k: float(v) for k, v in summary.items() if math.isfinite(v)})
                 mlflow.log_artifact(str(st.dir / "summary.png"))
-        print(f"[score] {len(pairs)} pairs ({result.scorer}); drops {result.drops or 'none'} "
-              f"-> {st.final_dir}", file=sys.stderr)
+        print(
+            f"[score] {len(pairs)} pairs ({result.scorer}); drops {result.drops or 'none'} "
+            f"-> {st.final_dir}",
+            file=sys.stderr,
+        )
 
 
-def _attach_token_weights(cfg: RunConfig, pairs: list[dict[str, Any]], tokenizer: Any,
-                          policy_dir: Path, reference_dir: Path, logprobs: LogprobModels,
-                          known_ref: dict[Any, list[float]]) -> dict[str, str]:
+def _attach_token_weights(
+    cfg: RunConfig,
+    pairs: list[dict[str, Any]],
+    tokenizer: Any,
+    policy_dir: Path,
+    reference_dir: Path,
+    logprobs: LogprobModels,
+    known_ref: dict[Any, list[float]],
+) -> dict[str, str]:
     """TIS-DPO weights from the contrastive pair (default: generating policy vs reference)."""
     s = cfg.score
-    positive = (_model_dir(s.tisdpo_positive_model, "score.tisdpo_positive_model")
-                if s.tisdpo_positive_model else policy_dir)
-    negative = (_model_dir(s.tisdpo_negative_model, "score.tisdpo_negative_model")
-                if s.tisdpo_negative_model else reference_dir)
+    positive = (
+        _model_dir(s.tisdpo_positive_model, "score.tisdpo_positive_model")
+        if s.tisdpo_positive_model
+        else policy_dir
+    )
+    negative = (
+        _model_dir(s.tisdpo_negative_model, "score.tisdpo_negative_model")
+        if s.tisdpo_negative_model
+        else reference_dir
+    )
     for model, key in ((positive, "_pos_{}_logps"), (negative, "_neg_{}_logps")):
         _attach_logps(pairs, logprobs(model), key, known_ref if model == reference_dir else {})
     eos = tokenizer.eos_token_id
@@ -277,51 +360,74 @@ def _attach_token_weights(cfg: RunConfig, pairs: list[dict[str, Any]], tokenizer
         for side in ("chosen", "rejected"):
             ids = p[f"{side}_token_ids"]
             p[f"{side}_weights"] = token_weights(
-                p.pop(f"_pos_{side}_logps"), p.pop(f"_neg_{side}_logps"), side,
-                s.tisdpo_transform, s.tisdpo_transform_params,
-                ends_with_eos=bool(ids) and ids[-1] == eos)
+                p.pop(f"_pos_{side}_logps"),
+                p.pop(f"_neg_{side}_logps"),
+                side,
+                s.tisdpo_transform,
+                s.tisdpo_transform_params,
+                ends_with_eos=bool(ids) and ids[-1] == eos,
+            )
     return {"positive": str(positive), "negative": str(negative)}
 
 
 # -- helpers ------------------------------------------------------------------------------------
-def _groups(samples: list[dict[str, Any]], rewards: np.ndarray, errors: dict[int, str],
-            length_unit: str) -> tuple[list[PromptGroup], list[dict[str, Any]]]:
+def _groups(
+    samples: list[dict[str, Any]], rewards: np.ndarray, errors: dict[int, str], length_unit: str
+) -> tuple[list[PromptGroup], list[dict[str, Any]]]:
     groups, scored, i = [], [], 0
     for r in samples:
         k = len(r["responses"])
         ids = r["response_token_ids"]
-        lengths = [len(ids[j]) if length_unit == "tokens" else len(r["responses"][j])
-                   for j in range(k)]
+        lengths = [
+            len(ids[j]) if length_unit == "tokens" else len(r["responses"][j]) for j in range(k)
+        ]
         truncated = [f == "length" for f in r["finish_reasons"]]
-        groups.append(PromptGroup(
-            prompt_id=r["prompt_id"], rewards=rewards[i:i + k].astype(float),
-            lengths=np.array(lengths, dtype=float), truncated=np.array(truncated),
-            keys=[tuple(x) for x in ids]))
+        groups.append(
+            PromptGroup(
+                prompt_id=r["prompt_id"],
+                rewards=rewards[i : i + k].astype(float),
+                lengths=np.array(lengths, dtype=float),
+                truncated=np.array(truncated),
+                keys=[tuple(x) for x in ids],
+            )
+        )
         for j in range(k):
-            scored.append({
-                "prompt_id": r["prompt_id"], "sample_index": j, "response": r["responses"][j],
-                "reward": float(rewards[i + j]), "num_tokens": len(ids[j]),
-                "num_chars": len(r["responses"][j]), "finish_reason": r["finish_reasons"][j],
-                "invalid_reason": errors.get(i + j, ""),
-            })
+            scored.append(
+                {
+                    "prompt_id": r["prompt_id"],
+                    "sample_index": j,
+                    "response": r["responses"][j],
+                    "reward": float(rewards[i + j]),
+                    "num_tokens": len(ids[j]),
+                    "num_chars": len(r["responses"][j]),
+                    "finish_reason": r["finish_reasons"][j],
+                    "invalid_reason": errors.get(i + j, ""),
+                }
+            )
         i += k
     return groups, scored
 
 
 def _pair_row(sample: dict[str, Any], c: int, r: int, rewards: np.ndarray) -> dict[str, Any]:
     return {
-        "prompt_id": sample["prompt_id"], "prompt": sample["prompt"],
-        "prompt_text": sample["prompt_text"], "prompt_token_ids": sample["prompt_token_ids"],
-        "chosen": sample["responses"][c], "rejected": sample["responses"][r],
+        "prompt_id": sample["prompt_id"],
+        "prompt": sample["prompt"],
+        "prompt_text": sample["prompt_text"],
+        "prompt_token_ids": sample["prompt_token_ids"],
+        "chosen": sample["responses"][c],
+        "rejected": sample["responses"][r],
         "chosen_token_ids": sample["response_token_ids"][c],
         "rejected_token_ids": sample["response_token_ids"][r],
-        "chosen_reward": float(rewards[c]), "rejected_reward": float(rewards[r]),
-        "source": "generated", "_keys": ((sample["prompt_id"], c), (sample["prompt_id"], r)),
+        "chosen_reward": float(rewards[c]),
+        "rejected_reward": float(rewards[r]),
+        "source": "generated",
+        "_keys": ((sample["prompt_id"], c), (sample["prompt_id"], r)),
     }
 
 
-def _replay_pairs(cfg: RunConfig, store: RunStore, tokenizer: Any, num_generated: int,
-                  counts: dict[str, Any]) -> list[dict[str, Any]]:
+def _replay_pairs(
+    cfg: RunConfig, store: RunStore, tokenizer: Any, num_generated: int, counts: dict[str, Any]
+) -> list[dict[str, Any]]:
     d = cfg.score.dice
     if d.replay_path:
         rows = read_preference_rows(d.replay_path, tokenizer, cfg.data.drop_bad_rows)
@@ -332,7 +438,8 @@ def _replay_pairs(cfg: RunConfig, store: RunStore, tokenizer: Any, num_generated
     else:
         raise ScoringError(
             "score.dice.replay_fraction > 0 needs score.dice.replay_path (a preference dataset); "
-            "the built-in task's human pairs are held out for evaluation")
+            "the built-in task's human pairs are held out for evaluation"
+        )
     want = replay_count(num_generated, d.replay_fraction, len(rows))
     picked = np.random.default_rng(cfg.score.seed).choice(len(rows), size=want, replace=False)
     chosen_rows = [{**rows[i], "prompt_id": f"replay-{i}"} for i in sorted(picked.tolist())]
@@ -342,8 +449,9 @@ def _replay_pairs(cfg: RunConfig, store: RunStore, tokenizer: Any, num_generated
     return pairs
 
 
-def _attach_logps(pairs: list[dict[str, Any]], engine: LogprobEngine, key: str,
-                  known: dict[Any, list[float]]) -> None:
+def _attach_logps(
+    pairs: list[dict[str, Any]], engine: LogprobEngine, key: str, known: dict[Any, list[float]]
+) -> None:
     """Fill p[key.format(side)] with per-token log-probs, each distinct response computed once."""
     todo: dict[Any, tuple[list[int], list[int]]] = {}
     for p in pairs:
@@ -352,8 +460,9 @@ def _attach_logps(pairs: list[dict[str, Any]], engine: LogprobEngine, key: str,
                 todo[k] = (p["prompt_token_ids"], p[f"{side}_token_ids"])
     if todo:
         keys = list(todo)
-        known.update(zip(keys, engine([todo[k] for k in keys], desc=key.format("responses")),
-                         strict=True))
+        known.update(
+            zip(keys, engine([todo[k] for k in keys], desc=key.format("responses")), strict=True)
+        )
     for p in pairs:
         for k, side in zip(p["_keys"], ("chosen", "rejected"), strict=True):
             p[key.format(side)] = known[k]
@@ -363,17 +472,24 @@ def _offline_scored(pairs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     rows = []
     for p in pairs:
         for side in ("chosen", "rejected"):
-            rows.append({
-                "prompt_id": p["prompt_id"], "sample_index": 0 if side == "chosen" else 1,
-                "response": p[side], "reward": p[f"{side}_reward"],
-                "num_tokens": len(p[f"{side}_token_ids"]), "num_chars": len(p[side]),
-                "finish_reason": "stop", "invalid_reason": "",
-            })
+            rows.append(
+                {
+                    "prompt_id": p["prompt_id"],
+                    "sample_index": 0 if side == "chosen" else 1,
+                    "response": p[side],
+                    "reward": p[f"{side}_reward"],
+                    "num_tokens": len(p[f"{side}_token_ids"]),
+                    "num_chars": len(p[side]),
+                    "finish_reason": "stop",
+                    "invalid_reason": "",
+                }
+            )
     return rows
 
 
-def _summary(scored: list[dict[str, Any]], pairs: list[dict[str, Any]], drops: dict[str, int],
-             alpha: float) -> dict[str, float]:
+def _summary(
+    scored: list[dict[str, Any]], pairs: list[dict[str, Any]], drops: dict[str, int], alpha: float
+) -> dict[str, float]:
     rewards = np.array([r["reward"] for r in scored if not r["invalid_reason"]], dtype=float)
     margins = np.array([p["chosen_reward"] - p["rejected_reward"] for p in pairs], dtype=float)
     margins = margins[np.isfinite(margins)]
@@ -384,8 +500,12 @@ def _summary(scored: list[dict[str, Any]], pairs: list[dict[str, Any]], drops: d
         "dice_alpha": alpha,
     }
     if len(rewards):
-        out.update(reward_mean=float(rewards.mean()), reward_std=float(rewards.std()),
-                   reward_min=float(rewards.min()), reward_max=float(rewards.max()))
+        out.update(
+            reward_mean=float(rewards.mean()),
+            reward_std=float(rewards.std()),
+            reward_min=float(rewards.min()),
+            reward_max=float(rewards.max()),
+        )
     if len(margins):
         out.update(margin_mean=float(margins.mean()), margin_min=float(margins.min()))
     out.update({f"dropped_{k}": float(v) for k, v in drops.items()})

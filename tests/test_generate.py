@@ -26,8 +26,16 @@ from pipeline.reference import TransformersLogprobs
 from pipeline.runstore import RunStore
 from tests.conftest import REPO, TINY, ConfigFactory, run_stage
 
-SAMPLE_COLUMNS = ["prompt_id", "prompt", "prompt_text", "prompt_token_ids", "responses",
-                  "response_token_ids", "finish_reasons", "sampling_logprobs"]
+SAMPLE_COLUMNS = [
+    "prompt_id",
+    "prompt",
+    "prompt_text",
+    "prompt_token_ids",
+    "responses",
+    "response_token_ids",
+    "finish_reasons",
+    "sampling_logprobs",
+]
 
 
 def prepared(tiny_config: ConfigFactory, tiny_prepared: RunConfig, *overrides: str) -> RunConfig:
@@ -56,9 +64,13 @@ def check_samples(cfg: RunConfig, rows: list[dict]) -> None:
         assert len(r["responses"]) == len(r["response_token_ids"]) == n
         assert len(r["finish_reasons"]) == len(r["sampling_logprobs"]) == n
         assert 0 < len(r["prompt_token_ids"]) <= cfg.model.max_prompt_length
-        for text, ids, reason, lps in zip(r["responses"], r["response_token_ids"],
-                                          r["finish_reasons"], r["sampling_logprobs"],
-                                          strict=True):
+        for text, ids, reason, lps in zip(
+            r["responses"],
+            r["response_token_ids"],
+            r["finish_reasons"],
+            r["sampling_logprobs"],
+            strict=True,
+        ):
             assert 1 <= len(ids) <= cfg.generate.max_tokens
             assert len(lps) == len(ids) and all(lp <= 0 for lp in lps)
             assert text == tok.decode(ids, skip_special_tokens=True)
@@ -67,8 +79,9 @@ def check_samples(cfg: RunConfig, rows: list[dict]) -> None:
             assert reason == "stop" or len(ids) == cfg.generate.max_tokens
 
 
-def test_transformers_backend_end_to_end(tiny_config: ConfigFactory, tiny_prepared: RunConfig
-                                         ) -> None:
+def test_transformers_backend_end_to_end(
+    tiny_config: ConfigFactory, tiny_prepared: RunConfig
+) -> None:
     cfg = prepared(tiny_config, tiny_prepared)
     run_stage(cfg, "generate")
     store = RunStore(cfg)
@@ -79,13 +92,20 @@ def test_transformers_backend_end_to_end(tiny_config: ConfigFactory, tiny_prepar
     manifest = store.require("generate")
     assert manifest["backend"] == "transformers"
     assert manifest["model_dir"] == str(base_model_dir(cfg))
-    assert manifest["sampling"] == {"n": 4, "temperature": 1.0, "top_p": 1.0, "max_tokens": 12,
-                                    "seed": 0}
+    assert manifest["sampling"] == {
+        "n": 4,
+        "temperature": 1.0,
+        "top_p": 1.0,
+        "max_tokens": 12,
+        "seed": 0,
+    }
     assert manifest["summary"]["samples"] == 4 * len(rows)
     # The tiny preset's prompts are longer than 32 tokens for some rows: truncated, counted.
     tok = load_tokenizer(base_model_dir(cfg))
-    long = sum(len(tok(r["prompt_text"], add_special_tokens=False)["input_ids"]) > 32
-               for r in read_rows(store.stage_dir("prepare") / "prompts" / "train.parquet"))
+    long = sum(
+        len(tok(r["prompt_text"], add_special_tokens=False)["input_ids"]) > 32
+        for r in read_rows(store.stage_dir("prepare") / "prompts" / "train.parquet")
+    )
     assert manifest["summary"]["truncated_prompts"] == long
 
     # Sampling log-probs are the model's own: a plain fp32 forward gives the same values.
@@ -95,7 +115,9 @@ def test_transformers_backend_end_to_end(tiny_config: ConfigFactory, tiny_prepar
     with torch.no_grad():
         logps = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)
     p = len(r["prompt_token_ids"])
-    expected = [logps[p - 1 + t, tok_id].item() for t, tok_id in enumerate(r["response_token_ids"][0])]
+    expected = [
+        logps[p - 1 + t, tok_id].item() for t, tok_id in enumerate(r["response_token_ids"][0])
+    ]
     assert r["sampling_logprobs"][0] == pytest.approx(expected, abs=1e-4)
 
     # Up to date: skipped. Forced: the same bytes (per-prompt seeds).
@@ -112,16 +134,22 @@ def test_transformers_backend_end_to_end(tiny_config: ConfigFactory, tiny_prepar
     assert read_rows(out)[0]["response_token_ids"] != r["response_token_ids"]
 
 
-def test_seeds_do_not_depend_on_batching(tiny_config: ConfigFactory, tiny_prepared: RunConfig
-                                         ) -> None:
+def test_seeds_do_not_depend_on_batching(
+    tiny_config: ConfigFactory, tiny_prepared: RunConfig
+) -> None:
     """A prompt's samples depend on (seed, prompt id) only, not on what shares its batch."""
     cfg = prepared(tiny_config, tiny_prepared)
     sampler = generation.TransformersSampler(base_model_dir(cfg))
     tok = sampler.tokenizer
-    prompts = [tok(tok.apply_chat_template([{"role": "user", "content": t}], tokenize=False,
-                                           add_generation_prompt=True),
-                   add_special_tokens=False)["input_ids"]
-               for t in ("a good film", "the plot was thin and slow", "fine")]
+    prompts = [
+        tok(
+            tok.apply_chat_template(
+                [{"role": "user", "content": t}], tokenize=False, add_generation_prompt=True
+            ),
+            add_special_tokens=False,
+        )["input_ids"]
+        for t in ("a good film", "the plot was thin and slow", "fine")
+    ]
     settings = generation.SamplingSettings(n=3, temperature=1.0, top_p=0.9, max_tokens=8, seed=0)
     together = sampler.sample(prompts, [11, 22, 33], settings)
     alone = sampler.sample(prompts[1:2], [22], settings)
@@ -129,8 +157,9 @@ def test_seeds_do_not_depend_on_batching(tiny_config: ConfigFactory, tiny_prepar
     assert len({tuple(c.token_ids) for c in together[1]}) > 1  # the n samples differ
 
 
-def test_resume_reuses_finished_chunks(tiny_config: ConfigFactory, tiny_prepared: RunConfig,
-                                       monkeypatch: pytest.MonkeyPatch) -> None:
+def test_resume_reuses_finished_chunks(
+    tiny_config: ConfigFactory, tiny_prepared: RunConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Killed after the first chunk: no output appears; the rerun samples only what is left and
     produces exactly the uninterrupted result."""
     cfg = prepared(tiny_config, tiny_prepared, "generate.chunk_size=8", "generate.batch_size=4")
@@ -165,10 +194,20 @@ def test_resume_reuses_finished_chunks(tiny_config: ConfigFactory, tiny_prepared
 def test_empty_and_long_prompts(tiny_prepared: RunConfig) -> None:
     tok = load_tokenizer(base_model_dir(tiny_prepared))
     texts = ["<|im_start|>user\nhello there<|im_end|>\n<|im_start|>assistant\n"] * 3
-    with pytest.raises(GenerationError, match=r"2 empty prompt\(s\) in prompts.parquet: "
-                                              r"prompt_id b, c"):
-        prepare_prompts(tok, ["a", "b", "c"], ["hello there", "  ", ""], texts, 32, "truncate",
-                        "prompts.parquet")
+    with pytest.raises(
+        GenerationError,
+        match=r"2 empty prompt\(s\) in prompts.parquet: "
+        r"prompt_id b, c",
+    ):
+        prepare_prompts(
+            tok,
+            ["a", "b", "c"],
+            ["hello there", "  ", ""],
+            texts,
+            32,
+            "truncate",
+            "prompts.parquet",
+        )
     n = len(tok(texts[0], add_special_tokens=False)["input_ids"])
     with pytest.raises(GenerationError, match=rf"exceed model.max_prompt_length=4: a \({n} tokens"):
         prepare_prompts(tok, ["a"], ["hello there"], texts[:1], 4, "fail", "prompts.parquet")
@@ -178,12 +217,17 @@ def test_empty_and_long_prompts(tiny_prepared: RunConfig) -> None:
     assert out.texts[0].endswith("assistant\n")  # the generation prompt survives
 
 
-def test_long_prompts_fail_leaves_no_output(tiny_config: ConfigFactory,
-                                            tiny_prepared: RunConfig) -> None:
-    cfg = prepared(tiny_config, tiny_prepared, "model.max_prompt_length=8",
-                   "generate.long_prompts=fail")
-    with pytest.raises(GenerationError, match=r"prompt\(s\) in .*train.parquet exceed "
-                                              r"model.max_prompt_length=8"):
+def test_long_prompts_fail_leaves_no_output(
+    tiny_config: ConfigFactory, tiny_prepared: RunConfig
+) -> None:
+    cfg = prepared(
+        tiny_config, tiny_prepared, "model.max_prompt_length=8", "generate.long_prompts=fail"
+    )
+    with pytest.raises(
+        GenerationError,
+        match=r"prompt\(s\) in .*train.parquet exceed "
+        r"model.max_prompt_length=8",
+    ):
         run_stage(cfg, "generate")
     store = RunStore(cfg)
     assert not store.stage_dir("generate").exists()
@@ -192,13 +236,17 @@ def test_long_prompts_fail_leaves_no_output(tiny_config: ConfigFactory,
 
 def test_prompt_and_response_must_fit(tiny_config: ConfigFactory, tiny_prepared: RunConfig) -> None:
     cfg = prepared(tiny_config, tiny_prepared, "generate.max_tokens=40")
-    with pytest.raises(ConfigError, match=r"generate.max_tokens \(40\) \+ model.max_prompt_length "
-                                          r"\(32\) exceed model.max_length \(64\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"generate.max_tokens \(40\) \+ model.max_prompt_length "
+        r"\(32\) exceed model.max_length \(64\)",
+    ):
         run_stage(cfg, "generate")
 
 
-def test_bad_model_folders(tiny_config: ConfigFactory, tiny_prepared: RunConfig,
-                           tmp_path: Path) -> None:
+def test_bad_model_folders(
+    tiny_config: ConfigFactory, tiny_prepared: RunConfig, tmp_path: Path
+) -> None:
     missing = tmp_path / "no-such-model"
     cfg = prepared(tiny_config, tiny_prepared, f"generate.model={missing}")
     with pytest.raises(ModelError, match=f"model folder {missing} does not exist"):
@@ -213,16 +261,30 @@ def test_bad_model_folders(tiny_config: ConfigFactory, tiny_prepared: RunConfig,
     assert not RunStore(cfg).stage_dir("generate").exists()
 
 
-def test_cli_reports_a_missing_model_in_one_line(tiny_config: ConfigFactory,
-                                                 tiny_prepared: RunConfig, tmp_path: Path) -> None:
+def test_cli_reports_a_missing_model_in_one_line(
+    tiny_config: ConfigFactory, tiny_prepared: RunConfig, tmp_path: Path
+) -> None:
     cfg = prepared(tiny_config, tiny_prepared)
     proc = subprocess.run(
-        [sys.executable, "-m", "stages.generate", "--config", str(TINY), f"root={cfg.root}",
-         f"cache_dir={cfg.cache_dir}", f"generate.model={tmp_path / 'gone'}"],
-        cwd=REPO, capture_output=True, text=True, timeout=120)
+        [
+            sys.executable,
+            "-m",
+            "stages.generate",
+            "--config",
+            str(TINY),
+            f"root={cfg.root}",
+            f"cache_dir={cfg.cache_dir}",
+            f"generate.model={tmp_path / 'gone'}",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == (
-        f"midpo generate: error: model folder {tmp_path / 'gone'} does not exist")
+        f"midpo generate: error: model folder {tmp_path / 'gone'} does not exist"
+    )
 
 
 # -- vLLM: one subprocess, one engine -----------------------------------------------------------
@@ -245,16 +307,29 @@ def vllm_tiny_run(tmp_path_factory: pytest.TempPathFactory, tiny_prepared: RunCo
 
     root = tmp_path_factory.mktemp("vllm") / "runs"
     model_dir = Path(RunStore(tiny_prepared).require("prepare")["model_dir"])
-    overrides = [f"root={root}", f"cache_dir={tiny_prepared.cache_dir}", "generate.backend=vllm",
-                 "score.scorer.kind=judge", f"score.scorer.model={model_dir}",
-                 "score.reference_logps=vllm", "score.drop_ties=false"]
+    overrides = [
+        f"root={root}",
+        f"cache_dir={tiny_prepared.cache_dir}",
+        "generate.backend=vllm",
+        "score.scorer.kind=judge",
+        f"score.scorer.model={model_dir}",
+        "score.reference_logps=vllm",
+        "score.drop_ties=false",
+    ]
     cfg = load_config(TINY, overrides)
-    shutil.copytree(RunStore(tiny_prepared).stage_dir("prepare"), RunStore(cfg).stage_dir("prepare"))
+    shutil.copytree(
+        RunStore(tiny_prepared).stage_dir("prepare"), RunStore(cfg).stage_dir("prepare")
+    )
     script = root.parent / "run_vllm.py"
     script.write_text(textwrap.dedent(VLLM_SCRIPT))
-    proc = subprocess.run([sys.executable, str(script), str(TINY), *overrides], cwd=REPO,
-                          capture_output=True, text=True, timeout=600,
-                          env={**__import__("os").environ, "PYTHONPATH": str(REPO)})
+    proc = subprocess.run(
+        [sys.executable, str(script), str(TINY), *overrides],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**__import__("os").environ, "PYTHONPATH": str(REPO)},
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     # Sampling, judging and reference log-probs shared one engine (same folder and dtype).
     assert proc.stderr.count("[vllm] starting engine") == 1, proc.stderr[-4000:]
@@ -262,8 +337,9 @@ def vllm_tiny_run(tmp_path_factory: pytest.TempPathFactory, tiny_prepared: RunCo
 
 
 @pytest.mark.slow
-def test_vllm_backend_same_schema(vllm_tiny_run: RunConfig, tiny_config: ConfigFactory,
-                                  tiny_prepared: RunConfig) -> None:
+def test_vllm_backend_same_schema(
+    vllm_tiny_run: RunConfig, tiny_config: ConfigFactory, tiny_prepared: RunConfig
+) -> None:
     cfg = vllm_tiny_run
     store = RunStore(cfg)
     out = store.stage_dir("generate") / "samples.parquet"
@@ -274,7 +350,8 @@ def test_vllm_backend_same_schema(vllm_tiny_run: RunConfig, tiny_config: ConfigF
     hf = prepared(tiny_config, tiny_prepared)
     run_stage(hf, "generate")
     assert pq.read_schema(out) == pq.read_schema(
-        RunStore(hf).stage_dir("generate") / "samples.parquet")
+        RunStore(hf).stage_dir("generate") / "samples.parquet"
+    )
     # vLLM's sampling log-probs are the model's: they match a transformers fp32 forward.
     seqs = [(r["prompt_token_ids"], ids) for r in rows[:4] for ids in r["response_token_ids"]]
     expected = TransformersLogprobs(base_model_dir(cfg))(seqs)
@@ -288,12 +365,14 @@ def test_vllm_reference_logps_match_transformers_fp32(vllm_tiny_run: RunConfig) 
     store = RunStore(vllm_tiny_run)
     pairs = read_rows(store.stage_dir("score") / "pairs.parquet")
     assert pairs and store.require("score")["reference_logps"] == "vllm"
-    seqs = [(p["prompt_token_ids"], p[f"{s}_token_ids"]) for p in pairs
-            for s in ("chosen", "rejected")]
+    seqs = [
+        (p["prompt_token_ids"], p[f"{s}_token_ids"]) for p in pairs for s in ("chosen", "rejected")
+    ]
     expected = TransformersLogprobs(base_model_dir(vllm_tiny_run), dtype="float32")(seqs)
     got = [p[f"ref_{s}_logps"] for p in pairs for s in ("chosen", "rejected")]
-    worst = max(abs(a - b) for g, e in zip(got, expected, strict=True)
-                for a, b in zip(g, e, strict=True))
+    worst = max(
+        abs(a - b) for g, e in zip(got, expected, strict=True) for a, b in zip(g, e, strict=True)
+    )
     assert worst < 1e-3, worst
 
 

@@ -47,8 +47,9 @@ def test_precompute_equals_transformers_fp32_forward(tiny_model_dir: Path) -> No
         assert values == pytest.approx(naive_logps(model, prompt, response), abs=1e-3)
     # Padding and batch composition change nothing beyond float noise.
     alone = TransformersLogprobs(tiny_model_dir, batch_size=1)(seqs)
-    worst = max(abs(a - b) for x, y in zip(got, alone, strict=True)
-                for a, b in zip(x, y, strict=True))
+    worst = max(
+        abs(a - b) for x, y in zip(got, alone, strict=True) for a, b in zip(x, y, strict=True)
+    )
     assert worst < 1e-5
 
 
@@ -65,8 +66,9 @@ def test_tokenisation_keeps_the_prompt_prefix(tiny_model_dir: Path) -> None:
     prompt_ids = tok(prompt_text, add_special_tokens=False)["input_ids"]
     ids, kept = tokenize_response(tok, prompt_ids, prompt_text, "was a great ride.", eos)
     assert kept
-    assert prompt_ids + ids == tok(prompt_text + "was a great ride.",
-                                   add_special_tokens=False)["input_ids"] + [eos]
+    assert prompt_ids + ids == tok(prompt_text + "was a great ride.", add_special_tokens=False)[
+        "input_ids"
+    ] + [eos]
     # A raw prompt cut mid-word merges with the response when tokenised together: the response
     # is then tokenised on its own, so the prompt part stays exactly the prompt's tokens.
     raw = "The movie was gre"

@@ -31,17 +31,38 @@ from pipeline.scoring import (
 )
 from tests.conftest import ConfigFactory, run_stage
 
-PAIR_COLUMNS = ["prompt_id", "prompt", "prompt_text", "prompt_token_ids", "chosen", "rejected",
-                "chosen_token_ids", "rejected_token_ids", "chosen_reward", "rejected_reward",
-                "source", "ref_chosen_logps", "ref_rejected_logps"]
+PAIR_COLUMNS = [
+    "prompt_id",
+    "prompt",
+    "prompt_text",
+    "prompt_token_ids",
+    "chosen",
+    "rejected",
+    "chosen_token_ids",
+    "rejected_token_ids",
+    "chosen_reward",
+    "rejected_reward",
+    "source",
+    "ref_chosen_logps",
+    "ref_rejected_logps",
+]
 
 
-def group(pid: str, rewards: list[float], lengths: list[float] | None = None,
-          truncated: list[bool] | None = None, keys: list[object] | None = None) -> PromptGroup:
+def group(
+    pid: str,
+    rewards: list[float],
+    lengths: list[float] | None = None,
+    truncated: list[bool] | None = None,
+    keys: list[object] | None = None,
+) -> PromptGroup:
     k = len(rewards)
-    return PromptGroup(pid, np.array(rewards, dtype=float),
-                       np.array(lengths or [1.0] * k, dtype=float),
-                       np.array(truncated or [False] * k), keys or list(range(k)))
+    return PromptGroup(
+        pid,
+        np.array(rewards, dtype=float),
+        np.array(lengths or [1.0] * k, dtype=float),
+        np.array(truncated or [False] * k),
+        keys or list(range(k)),
+    )
 
 
 def picks(result) -> list[tuple[int, int, int]]:  # type: ignore[no-untyped-def]
@@ -50,8 +71,11 @@ def picks(result) -> list[tuple[int, int, int]]:  # type: ignore[no-untyped-def]
 
 # -- pair strategies on hand-made scores ---------------------------------------------------------
 def test_best_vs_worst() -> None:
-    groups = [group("a", [0.1, 0.9, -0.5, 0.3]), group("b", [0.2, 0.2, 0.2]),
-              group("c", [0.5, 0.4])]
+    groups = [
+        group("a", [0.1, 0.9, -0.5, 0.3]),
+        group("b", [0.2, 0.2, 0.2]),
+        group("c", [0.5, 0.4]),
+    ]
     result = build_pairs(groups)
     assert picks(result) == [(0, 1, 2), (2, 0, 1)]
     assert result.pairs[0].margin == pytest.approx(1.4)
@@ -66,9 +90,16 @@ def test_best_vs_worst() -> None:
 def test_margin_strategy_takes_every_pair_above_the_margin() -> None:
     groups = [group("a", [0.0, 1.0, 0.5, 1.0])]
     assert sorted(picks(build_pairs(groups, strategy="margin"))) == [
-        (0, 1, 0), (0, 1, 2), (0, 2, 0), (0, 3, 0), (0, 3, 2)]
+        (0, 1, 0),
+        (0, 1, 2),
+        (0, 2, 0),
+        (0, 3, 0),
+        (0, 3, 2),
+    ]
     assert sorted(picks(build_pairs(groups, strategy="margin", min_margin=0.6))) == [
-        (0, 1, 0), (0, 3, 0)]
+        (0, 1, 0),
+        (0, 3, 0),
+    ]
     # Ties kept on request: the tied pair appears once, in index order.
     assert (0, 1, 3) in picks(build_pairs(groups, strategy="margin", drop_ties=False))
 
@@ -92,9 +123,13 @@ def test_truncated_invalid_duplicate_and_all_equal_responses() -> None:
     ]
     result = build_pairs(groups)
     assert picks(result) == [(0, 2, 1), (1, 2, 1), (2, 0, 2)]
-    assert result.drops == {"response_truncated": 2, "response_invalid_reward": 1,
-                            "response_duplicate": 1, "prompt_all_samples_equal": 1,
-                            "prompt_too_few_responses": 1}
+    assert result.drops == {
+        "response_truncated": 2,
+        "response_invalid_reward": 1,
+        "response_duplicate": 1,
+        "prompt_all_samples_equal": 1,
+        "prompt_too_few_responses": 1,
+    }
     kept = build_pairs(groups, drop_truncated=False)
     assert picks(kept)[0] == (0, 0, 1)  # the truncated best response is allowed back in
 
@@ -131,11 +166,15 @@ def test_reward_function_errors_are_reported_per_row() -> None:
             out.append(math.nan if r == "nan" else math.inf if r == "inf" else float(len(r)))
         return out
 
-    rewards, errors = call_reward_function(reward, ["p"] * 5, ["ok", "boom", "nan", "fine", "inf"],
-                                           batch_size=2)
+    rewards, errors = call_reward_function(
+        reward, ["p"] * 5, ["ok", "boom", "nan", "fine", "inf"], batch_size=2
+    )
     assert rewards[0] == 2.0 and rewards[3] == 4.0
-    assert errors == {1: "raised RuntimeError: cannot score this", 2: "returned nan",
-                      4: "returned inf"}
+    assert errors == {
+        1: "raised RuntimeError: cannot score this",
+        2: "returned nan",
+        4: "returned inf",
+    }
     _, errors = call_reward_function(lambda p, r: [1.0], ["p"] * 2, ["a", "b"], batch_size=2)
     assert errors == {}  # the batch's wrong count was retried row by row, which works
 
@@ -149,7 +188,9 @@ def generated(tmp_path_factory: pytest.TempPathFactory, tiny_prepared: RunConfig
 
     root = tmp_path_factory.mktemp("generated") / "runs"
     cfg = load_config(TINY, [f"root={root}", f"cache_dir={tiny_prepared.cache_dir}"])
-    shutil.copytree(RunStore(tiny_prepared).stage_dir("prepare"), RunStore(cfg).stage_dir("prepare"))
+    shutil.copytree(
+        RunStore(tiny_prepared).stage_dir("prepare"), RunStore(cfg).stage_dir("prepare")
+    )
     run_stage(cfg, "generate")
     return root
 
@@ -174,8 +215,11 @@ def perturbed_model(src: Path, dest: Path, scale: float = 0.05) -> Path:
     shutil.copytree(src, dest)
     weights = load_file(str(dest / "model.safetensors"))
     gen = torch.Generator().manual_seed(0)
-    save_file({k: v + scale * torch.randn(v.shape, generator=gen) for k, v in weights.items()},
-              str(dest / "model.safetensors"), metadata={"format": "pt"})
+    save_file(
+        {k: v + scale * torch.randn(v.shape, generator=gen) for k, v in weights.items()},
+        str(dest / "model.safetensors"),
+        metadata={"format": "pt"},
+    )
     return dest
 
 
@@ -186,16 +230,20 @@ def test_score_end_to_end(tiny_config: ConfigFactory, generated: Path) -> None:
     out = store.stage_dir("score")
     assert pq.read_schema(out / "pairs.parquet").names == PAIR_COLUMNS
     pairs = read_rows(out / "pairs.parquet")
-    samples = {r["prompt_id"]: r for r in read_rows(store.stage_dir("generate") / "samples.parquet")}
+    samples = {
+        r["prompt_id"]: r for r in read_rows(store.stage_dir("generate") / "samples.parquet")
+    }
     scored = read_rows(out / "scored.parquet")
     assert len(scored) == 4 * len(samples)
     assert [r["reward"] for r in scored] == vader_sentiment(
-        [""] * len(scored), [r["response"] for r in scored])
+        [""] * len(scored), [r["response"] for r in scored]
+    )
     manifest = store.require("score")
     assert manifest["scorer"] == "pipeline.rewards:vader_sentiment"
     assert manifest["reference_model_dir"] == manifest["policy_model_dir"] == str(model_dir(cfg))
-    assert len(pairs) + sum(v for k, v in manifest["drops"].items() if k.startswith("prompt_")) \
-        == len(samples)
+    assert len(pairs) + sum(
+        v for k, v in manifest["drops"].items() if k.startswith("prompt_")
+    ) == len(samples)
     for p in pairs:
         s = samples[p["prompt_id"]]
         c, r = s["responses"].index(p["chosen"]), s["responses"].index(p["rejected"])
@@ -209,52 +257,69 @@ def test_score_end_to_end(tiny_config: ConfigFactory, generated: Path) -> None:
     engine = TransformersLogprobs(model_dir(cfg), batch_size=1)
     p = pairs[0]
     assert p["ref_rejected_logps"] == pytest.approx(
-        engine([(p["prompt_token_ids"], p["rejected_token_ids"])])[0], abs=1e-5)
+        engine([(p["prompt_token_ids"], p["rejected_token_ids"])])[0], abs=1e-5
+    )
     # Summaries went to MLflow: metrics and the plot.
     import mlflow
 
     from pipeline import tracking
 
     tracking.setup(cfg)
-    runs = mlflow.search_runs(experiment_names=[cfg.tracking.experiment],
-                              filter_string="tags.`midpo.stage` = 'score'")
+    runs = mlflow.search_runs(
+        experiment_names=[cfg.tracking.experiment], filter_string="tags.`midpo.stage` = 'score'"
+    )
     assert runs.iloc[0]["metrics.pairs"] == len(pairs)
     artifacts = mlflow.MlflowClient().list_artifacts(runs.iloc[0]["run_id"])
     assert [a.path for a in artifacts] == ["summary.png"]
     assert (out / "summary.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_reward_function_failures(tiny_config: ConfigFactory, generated: Path, tmp_path: Path,
-                                  monkeypatch: pytest.MonkeyPatch) -> None:
+def test_reward_function_failures(
+    tiny_config: ConfigFactory, generated: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     (tmp_path / "my_rewards.py").write_text(
         "import math\n"
         "def flaky(prompts, responses):\n"
         "    if any(' ' not in r for r in responses):\n"
         "        raise ValueError('no space')\n"
-        "    return [math.nan if len(r) % 7 == 0 else 1.0 for r in responses]\n")
+        "    return [math.nan if len(r) % 7 == 0 else 1.0 for r in responses]\n"
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     cfg = scored_run(tiny_config, generated, "score.scorer.function=my_rewards:flaky")
-    responses = [r for s in read_rows(generated / "tiny" / "generate" / "samples.parquet")
-                 for r in s["responses"]]
+    responses = [
+        r
+        for s in read_rows(generated / "tiny" / "generate" / "samples.parquet")
+        for r in s["responses"]
+    ]
     bad = sum(" " not in r or len(r) % 7 == 0 for r in responses)
     assert 0 < bad < len(responses)
-    with pytest.raises(ScoringError, match=rf"{bad} of {len(responses)} responses got no valid "
-                                           r"reward from my_rewards:flaky:\n  prompt_id \S+ "
-                                           r"sample \d: (raised ValueError: no space|returned nan)"):
+    with pytest.raises(
+        ScoringError,
+        match=rf"{bad} of {len(responses)} responses got no valid "
+        r"reward from my_rewards:flaky:\n  prompt_id \S+ "
+        r"sample \d: (raised ValueError: no space|returned nan)",
+    ):
         run_stage(cfg, "score")
     store = RunStore(cfg)
     assert not store.stage_dir("score").exists() and not (store.root / ".score.partial").exists()
 
-    cfg = scored_run(tiny_config, generated, "score.scorer.function=my_rewards:flaky",
-                     "score.scorer.drop_invalid=true", "score.drop_ties=false")
+    cfg = scored_run(
+        tiny_config,
+        generated,
+        "score.scorer.function=my_rewards:flaky",
+        "score.scorer.drop_invalid=true",
+        "score.drop_ties=false",
+    )
     run_stage(cfg, "score")
     manifest = RunStore(cfg).require("score")
     assert manifest["drops"]["response_invalid_reward"] == bad
     scored = read_rows(store.stage_dir("score") / "scored.parquet")
     assert sum(bool(r["invalid_reason"]) for r in scored) == bad
 
-    for spec, message in (("no_such_module:f", "cannot import 'no_such_module'"),
-                          ("pipeline.rewards:nope", "pipeline.rewards has no function 'nope'")):
+    for spec, message in (
+        ("no_such_module:f", "cannot import 'no_such_module'"),
+        ("pipeline.rewards:nope", "pipeline.rewards has no function 'nope'"),
+    ):
         with pytest.raises(ScoringError, match=message):
             run_stage(scored_run(tiny_config, generated, f"score.scorer.function={spec}"), "score")
 
@@ -263,8 +328,11 @@ def test_all_equal_samples_give_no_pairs(tiny_config: ConfigFactory, generated: 
     """Greedy sampling makes a prompt's K samples identical: no pair, counted, clear error."""
     cfg = scored_run(tiny_config, generated, "generate.temperature=0")
     run_stage(cfg, "generate")
-    with pytest.raises(ScoringError, match=r"no preference pairs left \(drops: "
-                                           r"\{'prompt_all_samples_equal': 16\}\)"):
+    with pytest.raises(
+        ScoringError,
+        match=r"no preference pairs left \(drops: "
+        r"\{'prompt_all_samples_equal': 16\}\)",
+    ):
         run_stage(cfg, "score")
 
 
@@ -277,36 +345,64 @@ def test_reward_model_scorer(tiny_config: ConfigFactory, generated: Path, tmp_pa
     rm = AutoModelForSequenceClassification.from_config(config)
     rm.save_pretrained(tmp_path / "rm")
     load_tokenizer(base).save_pretrained(tmp_path / "rm")
-    cfg = scored_run(tiny_config, generated, "score.scorer.kind=reward_model",
-                     f"score.scorer.model={tmp_path / 'rm'}", "score.scorer.batch_size=5")
+    cfg = scored_run(
+        tiny_config,
+        generated,
+        "score.scorer.kind=reward_model",
+        f"score.scorer.model={tmp_path / 'rm'}",
+        "score.scorer.batch_size=5",
+    )
     run_stage(cfg, "score")
     scored = read_rows(RunStore(cfg).stage_dir("score") / "scored.parquet")
     assert len({r["reward"] for r in scored}) > 10
     # Batched (padded) scores equal one-at-a-time forwards of the chat-rendered pair.
     tok = load_tokenizer(tmp_path / "rm")
-    prompts = {r["prompt_id"]: r["prompt"] for r in
-               read_rows(RunStore(cfg).stage_dir("generate") / "samples.parquet")}
+    prompts = {
+        r["prompt_id"]: r["prompt"]
+        for r in read_rows(RunStore(cfg).stage_dir("generate") / "samples.parquet")
+    }
     rm.eval()
     for row in scored[:3]:
-        text = tok.apply_chat_template([{"role": "user", "content": prompts[row["prompt_id"]]},
-                                        {"role": "assistant", "content": row["response"]}],
-                                       tokenize=False)
+        text = tok.apply_chat_template(
+            [
+                {"role": "user", "content": prompts[row["prompt_id"]]},
+                {"role": "assistant", "content": row["response"]},
+            ],
+            tokenize=False,
+        )
         ids = tok(text, add_special_tokens=False, return_tensors="pt")
         with torch.no_grad():
             assert row["reward"] == pytest.approx(rm(**ids).logits[0, 0].item(), abs=1e-4)
 
 
-def test_dice_implicit_reward_length_alpha_and_replay(tiny_config: ConfigFactory, generated: Path,
-                                                      tmp_path: Path) -> None:
+def test_dice_implicit_reward_length_alpha_and_replay(
+    tiny_config: ConfigFactory, generated: Path, tmp_path: Path
+) -> None:
     base = model_dir(scored_run(tiny_config, generated))
     policy = perturbed_model(base, tmp_path / "policy")
     replay = tmp_path / "replay.jsonl"
-    replay.write_text("".join(json.dumps(r) + "\n" for r in [
-        {"prompt": f"Review film {i}", "chosen": f"A lovely film, number {i}.", "rejected": "Bad."}
-        for i in range(3)]))
-    cfg = scored_run(tiny_config, generated, "score.dice.enabled=true",
-                     f"score.dice.policy_model={policy}", "score.dice.beta=0.5",
-                     "score.dice.replay_fraction=0.25", f"score.dice.replay_path={replay}")
+    replay.write_text(
+        "".join(
+            json.dumps(r) + "\n"
+            for r in [
+                {
+                    "prompt": f"Review film {i}",
+                    "chosen": f"A lovely film, number {i}.",
+                    "rejected": "Bad.",
+                }
+                for i in range(3)
+            ]
+        )
+    )
+    cfg = scored_run(
+        tiny_config,
+        generated,
+        "score.dice.enabled=true",
+        f"score.dice.policy_model={policy}",
+        "score.dice.beta=0.5",
+        "score.dice.replay_fraction=0.25",
+        f"score.dice.replay_path={replay}",
+    )
     run_stage(cfg, "score")
     store = RunStore(cfg)
     manifest = store.require("score")
@@ -329,13 +425,19 @@ def test_dice_implicit_reward_length_alpha_and_replay(tiny_config: ConfigFactory
     for p in replayed:
         assert p["chosen"].startswith("A lovely film") and p["rejected"] == "Bad."
         assert p["rejected_token_ids"] == tok("Bad.", add_special_tokens=False)["input_ids"] + [
-            tok.eos_token_id]
+            tok.eos_token_id
+        ]
         assert len(p["ref_chosen_logps"]) == len(p["chosen_token_ids"])
         assert math.isnan(p["chosen_reward"])  # not scored: the dataset has no ratings
 
     # The built-in task has no preference data of its own to replay.
-    cfg = scored_run(tiny_config, generated, "score.dice.enabled=true",
-                     f"score.dice.policy_model={policy}", "score.dice.replay_fraction=0.25")
+    cfg = scored_run(
+        tiny_config,
+        generated,
+        "score.dice.enabled=true",
+        f"score.dice.policy_model={policy}",
+        "score.dice.replay_fraction=0.25",
+    )
     with pytest.raises(ScoringError, match="needs score.dice.replay_path"):
         run_stage(cfg, "score")
 
@@ -355,27 +457,45 @@ def test_tisdpo_token_weights(tiny_config: ConfigFactory, generated: Path, tmp_p
             assert weights == [1.0] * (len(ids) - ends) + [0.0] * ends
 
     positive = perturbed_model(model_dir(cfg), tmp_path / "positive", scale=0.2)
-    cfg = scored_run(tiny_config, generated, "train.objective=tisdpo",
-                     f"score.tisdpo_positive_model={positive}")
+    cfg = scored_run(
+        tiny_config, generated, "train.objective=tisdpo", f"score.tisdpo_positive_model={positive}"
+    )
     run_stage(cfg, "score")
     pairs = read_rows(store.stage_dir("score") / "pairs.parquet")
     p = pairs[0]
     seq = [(p["prompt_token_ids"], p["chosen_token_ids"])]
     pos = TransformersLogprobs(positive)(seq)[0]
     neg = TransformersLogprobs(model_dir(cfg))(seq)[0]
-    expected = token_weights(pos, neg, "chosen", "threshold_and_scale", {},
-                             ends_with_eos=p["chosen_token_ids"][-1] == eos)
+    expected = token_weights(
+        pos,
+        neg,
+        "chosen",
+        "threshold_and_scale",
+        {},
+        ends_with_eos=p["chosen_token_ids"][-1] == eos,
+    )
     assert p["chosen_weights"] == pytest.approx(expected, abs=1e-6)
     assert len(set(p["chosen_weights"])) > 1
     assert all(0.7 - 1e-6 <= w <= 1.3 + 1e-6 for w in expected[:-1])
 
 
 def test_offline_mode(tiny_config: ConfigFactory, tmp_path: Path) -> None:
-    rows = [{"prompt": f"Describe film {i}.", "chosen": f"A warm and funny film, {i}.",
-             "rejected": f"Dull, {i}."} for i in range(8)]
-    rows += [{"prompt": [{"role": "user", "content": f"Rate movie {i}"}],
-              "chosen": [{"role": "assistant", "content": "Great fun."}],
-              "rejected": [{"role": "assistant", "content": "Awful."}]} for i in range(4)]
+    rows = [
+        {
+            "prompt": f"Describe film {i}.",
+            "chosen": f"A warm and funny film, {i}.",
+            "rejected": f"Dull, {i}.",
+        }
+        for i in range(8)
+    ]
+    rows += [
+        {
+            "prompt": [{"role": "user", "content": f"Rate movie {i}"}],
+            "chosen": [{"role": "assistant", "content": "Great fun."}],
+            "rejected": [{"role": "assistant", "content": "Awful."}],
+        }
+        for i in range(4)
+    ]
     path = tmp_path / "prefs.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     cfg = tiny_config("data.task=preference", f"data.path={path}")
@@ -394,10 +514,12 @@ def test_offline_mode(tiny_config: ConfigFactory, tmp_path: Path) -> None:
         assert len(p["ref_rejected_logps"]) == len(p["rejected_token_ids"])
 
 
-def test_missing_reference_model(tiny_config: ConfigFactory, generated: Path,
-                                 tmp_path: Path) -> None:
+def test_missing_reference_model(
+    tiny_config: ConfigFactory, generated: Path, tmp_path: Path
+) -> None:
     cfg = scored_run(tiny_config, generated, f"score.reference_model={tmp_path / 'nope'}")
-    with pytest.raises(ModelError, match=f"score.reference_model: model folder {tmp_path / 'nope'} "
-                                         "does not exist"):
+    with pytest.raises(
+        ModelError, match=f"score.reference_model: model folder {tmp_path / 'nope'} does not exist"
+    ):
         run_stage(cfg, "score")
     assert not RunStore(cfg).stage_dir("score").exists()
