@@ -22,7 +22,10 @@ failure for a run that succeeded.
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import datetime as _dt
+import json
 import os
 import signal
 import socket
@@ -132,7 +135,9 @@ def launch_plan(nproc_setting: int | str = "auto") -> LaunchPlan:
     if launcher not in LAUNCHERS:
         raise LaunchError(f"MIDPO_LAUNCHER={launcher!r}: expected one of {', '.join(LAUNCHERS)}")
     if launcher == "torchrun" and node_rank is None:
-        raise LaunchError("MIDPO_LAUNCHER=torchrun cannot start remote nodes: set NODE_RANK on each")
+        raise LaunchError(
+            "MIDPO_LAUNCHER=torchrun cannot start remote nodes: set NODE_RANK on each"
+        )
     return LaunchPlan(nproc, nnodes, node_rank, master_addr, master_port, hostfile, launcher)
 
 
@@ -142,41 +147,90 @@ def _bin(name: str) -> str:
     return str(candidate) if candidate.is_file() else name
 
 
-def launcher_command(plan: LaunchPlan, module: str, args: list[str], work_dir: Path) -> list[str]:
-    """The command that runs ``python -m module args`` as every rank of this node (or all nodes)."""
+def world_info(plan: LaunchPlan) -> dict[str, list[int]]:
+    """Hosts and their local ranks, as DeepSpeed's launcher numbers ranks (host order)."""
+    if plan.hostfile:
+        from deepspeed.launcher.runner import fetch_hostfile
+
+        hosts = fetch_hostfile(plan.hostfile) or {}
+        if not hosts:
+            raise LaunchError(f"HOSTFILE={plan.hostfile} lists no hosts ('name slots=N' lines)")
+        nproc = os.environ.get("NPROC", "").strip()
+        return {h: list(range(int(nproc) if nproc else n)) for h, n in hosts.items()}
+    names = ["localhost"] if plan.nnodes == 1 else [f"node{i}" for i in range(plan.nnodes)]
+    return {name: list(range(plan.nproc)) for name in names}
+
+
+def launcher_command(plan: LaunchPlan, module: str, args: list[str]) -> list[str]:
+    """The command that runs ``python -m module args`` as every rank of this node (or all nodes).
+
+    DeepSpeed: its per-node launcher (``deepspeed.launcher.launch``, what the ``deepspeed``
+    command runs on each node) started directly, so that a killed stage takes its ranks with it;
+    the ``deepspeed`` command itself only when node 0 must start the other nodes over ssh.
+    """
     if plan.launcher == "torchrun":
         return [
-            _bin("torchrun"), f"--nnodes={plan.nnodes}", f"--node_rank={plan.node_rank}",
-            f"--nproc_per_node={plan.nproc}", f"--master_addr={plan.master_addr}",
-            f"--master_port={plan.master_port}", "-m", module, *args,
+            _bin("torchrun"),
+            f"--nnodes={plan.nnodes}",
+            f"--node_rank={plan.node_rank}",
+            f"--nproc_per_node={plan.nproc}",
+            f"--master_addr={plan.master_addr}",
+            f"--master_port={plan.master_port}",
+            "-m",
+            module,
+            *args,
         ]
-    cmd = [_bin("deepspeed"), "--num_gpus", str(plan.nproc), "--master_port", str(plan.master_port),
-           "--no_local_rank", "--module"]
-    hostfile = plan.hostfile
-    if plan.nnodes > 1 and hostfile is None:
-        # Each node runs its own launcher (no ssh): DeepSpeed still wants a hostfile naming the
-        # nodes to number the ranks; the names are never contacted.
-        hostfile = str(work_dir / f"hostfile-{plan.nnodes}x{plan.nproc}")
-        Path(hostfile).write_text(
-            "".join(f"node{i} slots={plan.nproc}\n" for i in range(plan.nnodes))
-        )
-    if hostfile is not None:
-        cmd += ["--hostfile", hostfile, "--num_nodes", str(plan.nnodes),
-                "--master_addr", plan.master_addr]
-        if plan.node_rank is not None:
-            cmd += ["--no_ssh", "--node_rank", str(plan.node_rank)]
-    return [*cmd, module, *args]
+    if plan.node_rank is None:  # HOSTFILE without NODE_RANK: fan out over ssh (pdsh)
+        assert plan.hostfile is not None
+        return [
+            _bin("deepspeed"),
+            "--hostfile",
+            plan.hostfile,
+            "--master_addr",
+            plan.master_addr,
+            "--master_port",
+            str(plan.master_port),
+            "--no_local_rank",
+            "--module",
+            module,
+            *args,
+        ]
+    encoded = base64.urlsafe_b64encode(json.dumps(world_info(plan)).encode()).decode()
+    return [
+        sys.executable,
+        "-u",
+        "-m",
+        "deepspeed.launcher.launch",
+        f"--world_info={encoded}",
+        f"--node_rank={plan.node_rank}",
+        f"--master_addr={plan.master_addr}",
+        f"--master_port={plan.master_port}",
+        "--no_local_rank",
+        "--module",
+        module,
+        *args,
+    ]
+
+
+def _die_with_parent() -> None:
+    """In the child: receive SIGTERM when the parent dies (Linux), so ranks never outlive a
+    killed stage and race its rerun for the checkpoint folder."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def run_launcher(cmd: list[str], env: dict[str, str] | None = None) -> int:
-    """Run a launcher command in its own process group; forward Ctrl-C/TERM; return its code."""
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+    """Run a launcher command; pass Ctrl-C/TERM on to it; return its exit code."""
+    proc = subprocess.Popen(cmd, env=env, preexec_fn=_die_with_parent)
 
     def forward(signum: int, _frame: Any) -> None:
-        try:
-            os.killpg(proc.pid, signum)
-        except ProcessLookupError:
-            pass
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signum)
 
     previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -186,10 +240,9 @@ def run_launcher(cmd: list[str], env: dict[str, str] | None = None) -> int:
             signal.signal(s, handler)
 
 
-def launch(module: str, args: list[str], plan: LaunchPlan, work_dir: Path) -> int:
+def launch(module: str, args: list[str], plan: LaunchPlan) -> int:
     """Start ``python -m module args`` on every rank of this node; the launcher's exit code."""
-    work_dir.mkdir(parents=True, exist_ok=True)
-    cmd = launcher_command(plan, module, args, work_dir)
+    cmd = launcher_command(plan, module, args)
     env = dict(os.environ)
     # The launcher and ranks must import this checkout, whatever the current PYTHONPATH.
     repo = str(Path(__file__).resolve().parent.parent)
@@ -197,8 +250,8 @@ def launch(module: str, args: list[str], plan: LaunchPlan, work_dir: Path) -> in
     # DeepSpeed compiles its CPU ops on first use (~30 s each): keep them where the Makefile does.
     env.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
     where = f"{plan.nnodes} node(s) x {plan.nproc} process(es)"
-    if plan.nnodes > 1:
-        where += f", this is node {plan.node_rank}, master {plan.master_addr}:{plan.master_port}"
+    if plan.nnodes > 1 or plan.hostfile:
+        where += f", node {plan.node_rank}, master {plan.master_addr}:{plan.master_port}"
     print(f"[launch] {plan.launcher}: {where}", file=sys.stderr, flush=True)
     return run_launcher(cmd, env)
 

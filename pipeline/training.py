@@ -87,8 +87,10 @@ class PairData:
     @property
     def lengths(self) -> list[int]:
         """Padded length each pair needs: prompt + the longer response."""
-        return [len(p) + max(len(c), len(r))
-                for p, c, r in zip(self.prompts, self.chosen, self.rejected, strict=True)]
+        return [
+            len(p) + max(len(c), len(r))
+            for p, c, r in zip(self.prompts, self.chosen, self.rejected, strict=True)
+        ]
 
     @property
     def has_ref_logps(self) -> bool:
@@ -104,7 +106,10 @@ class PairData:
 
 
 def truncate_pair(
-    prompt: list[int], chosen: list[int], rejected: list[int], max_length: int,
+    prompt: list[int],
+    chosen: list[int],
+    rejected: list[int],
+    max_length: int,
     max_prompt_length: int,
 ) -> tuple[list[int], list[int], list[int], bool, bool]:
     """Fit prompt + response into ``max_length``: keep the prompt's end, the responses' start.
@@ -139,6 +144,14 @@ def _float_list(value: Any, n: int, where: str, name: str) -> list[float]:
     return out[:n]
 
 
+def _log_probs(value: Any, n: int, where: str, name: str) -> list[float]:
+    out = _float_list(value, n, where, name)
+    bad = [i for i, v in enumerate(out) if v > 1e-3]  # a probability above 1 (beyond rounding)
+    if bad:
+        raise DataError(f"{where}: field '{name}' has positive log-probs at token(s) {bad[:5]}")
+    return out
+
+
 PAIR_COLUMNS = ("prompt_token_ids", "chosen_token_ids", "rejected_token_ids")
 
 
@@ -154,6 +167,11 @@ def load_pairs(path: Path, *, max_length: int, max_prompt_length: int) -> PairDa
     if not path.is_file():
         raise StageError(f"{path} does not exist: run `make score` first")
     table = pq.read_table(path)
+    if table.num_rows == 0:
+        raise StageError(
+            f"{path}: no training pairs (the file is empty); nothing to train on. "
+            "Check the score stage's drop counts (ties, truncation)"
+        )
     missing = [c for c in PAIR_COLUMNS if c not in table.column_names]
     if missing:
         raise DataError(f"{path}: missing column(s) {', '.join(missing)} (score stage schema)")
@@ -176,14 +194,15 @@ def load_pairs(path: Path, *, max_length: int, max_prompt_length: int) -> PairDa
         ref_c, ref_r = row.get("ref_chosen_logps") or [], row.get("ref_rejected_logps") or []
         w_c, w_r = row.get("chosen_weights") or [], row.get("rejected_weights") or []
         prompt, chosen_t, rejected_t, p_cut, r_cut = truncate_pair(
-            prompt, chosen, rejected, max_length, max_prompt_length)
+            prompt, chosen, rejected, max_length, max_prompt_length
+        )
         report.prompt_truncated += p_cut
         report.response_truncated += r_cut
         with_ref = with_ref and bool(ref_c) and bool(ref_r)
         if ref_c and ref_r:
             # Validated against the full responses, then cut like them.
-            full_c = _float_list(ref_c, len(chosen), where, "ref_chosen_logps")
-            full_r = _float_list(ref_r, len(rejected), where, "ref_rejected_logps")
+            full_c = _log_probs(ref_c, len(chosen), where, "ref_chosen_logps")
+            full_r = _log_probs(ref_r, len(rejected), where, "ref_rejected_logps")
             ref_rows.append((full_c[: len(chosen_t)], full_r[: len(rejected_t)]))
         with_weights = with_weights and bool(w_c) and bool(w_r)
         if w_c and w_r:
@@ -203,10 +222,15 @@ def load_pairs(path: Path, *, max_length: int, max_prompt_length: int) -> PairDa
         data.rejected_weights = [r for _, r in weight_rows]
     data.report = report
     if not len(data):
-        detail = (f" ({report.dropped_empty_response} dropped for an empty response)"
-                  if report.dropped_empty_response else "")
-        raise StageError(f"{path}: no training pairs{detail}; nothing to train on. Check the "
-                         "score stage's drop counts (ties, truncation) or generate more samples")
+        detail = (
+            f" ({report.dropped_empty_response} dropped for an empty response)"
+            if report.dropped_empty_response
+            else ""
+        )
+        raise StageError(
+            f"{path}: no training pairs{detail}; nothing to train on. Check the "
+            "score stage's drop counts (ties, truncation) or generate more samples"
+        )
     return data
 
 
@@ -214,8 +238,10 @@ def check_vocabulary(data: PairData, vocab_size: int) -> None:
     for i, seqs in enumerate(zip(data.prompts, data.chosen, data.rejected, strict=True)):
         top = max(max(s) for s in seqs)
         if top >= vocab_size:
-            raise DataError(f"{data.source}: pair {data.pair_ids[i]} has token id {top} >= the "
-                            f"model's vocabulary size {vocab_size}: pairs from another tokenizer?")
+            raise DataError(
+                f"{data.source}: pair {data.pair_ids[i]} has token id {top} >= the "
+                f"model's vocabulary size {vocab_size}: pairs from another tokenizer?"
+            )
 
 
 # ================================================================================================
@@ -223,8 +249,9 @@ def check_vocabulary(data: PairData, vocab_size: int) -> None:
 # ================================================================================================
 
 
-def epoch_batches(lengths: list[int], global_batch: int, seed: int, epoch: int,
-                  bucket_window: int = 16) -> list[list[int]]:
+def epoch_batches(
+    lengths: list[int], global_batch: int, seed: int, epoch: int, bucket_window: int = 16
+) -> list[list[int]]:
     """Global batches of pair indices for one epoch; the last one may be short (never dropped).
 
     Shuffle, sort by length inside windows of ``bucket_window`` global batches (neighbours in a
@@ -234,15 +261,19 @@ def epoch_batches(lengths: list[int], global_batch: int, seed: int, epoch: int,
     order = rng.permutation(len(lengths)).tolist()
     window = global_batch * bucket_window
     if bucket_window > 1:
-        order = [i for start in range(0, len(order), window)
-                 for i in sorted(order[start:start + window], key=lambda j: (-lengths[j], j))]
-    batches = [order[i:i + global_batch] for i in range(0, len(order), global_batch)]
+        order = [
+            i
+            for start in range(0, len(order), window)
+            for i in sorted(order[start : start + window], key=lambda j: (-lengths[j], j))
+        ]
+    batches = [order[i : i + global_batch] for i in range(0, len(order), global_batch)]
     perm = rng.permutation(len(batches)).tolist()
     return [batches[i] for i in perm]
 
 
-def split_global_batch(batch: list[int], lengths: list[int], world_size: int, accumulation: int,
-                       rank: int) -> list[list[int]]:
+def split_global_batch(
+    batch: list[int], lengths: list[int], world_size: int, accumulation: int, rank: int
+) -> list[list[int]]:
     """This rank's ``accumulation`` micro-batches of one global batch (some may be empty).
 
     The pairs, sorted by length, are cut into ``accumulation x world`` contiguous chunks whose
@@ -256,7 +287,7 @@ def split_global_batch(batch: list[int], lengths: list[int], world_size: int, ac
     for k in range(chunks):
         size = base + (1 if k < extra else 0)
         if k % world_size == rank:
-            out.append(ordered[start:start + size])
+            out.append(ordered[start : start + size])
         start += size
     return out
 
@@ -283,7 +314,9 @@ class MicroBatch:
         return int(self.row_weight.shape[0])
 
     def to(self, device: torch.device) -> MicroBatch:
-        moved = {k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in self.__dict__.items()}
+        moved = {
+            k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in self.__dict__.items()
+        }
         return MicroBatch(**moved)
 
     def as_dict(self) -> dict[str, Any]:
@@ -291,9 +324,16 @@ class MicroBatch:
         return dict(self.__dict__)
 
 
-def collate(data: PairData, indices: list[int], filler: int, pad_id: int, *,
-            ref_logps: bool = False, weights: bool = False, prompt_free: bool = False
-            ) -> MicroBatch:
+def collate(
+    data: PairData,
+    indices: list[int],
+    filler: int,
+    pad_id: int,
+    *,
+    ref_logps: bool = False,
+    weights: bool = False,
+    prompt_free: bool = False,
+) -> MicroBatch:
     """Pad one micro-batch. An empty ``indices`` gives one filler pair (weight 0)."""
     real = len(indices)
     rows = indices if indices else [filler]
@@ -313,19 +353,22 @@ def collate(data: PairData, indices: list[int], filler: int, pad_id: int, *,
     for r, (s, p) in enumerate(zip(seqs, prompt_lens, strict=True)):
         input_ids[r, : len(s)] = torch.tensor(s)
         attention[r, : len(s)] = 1
-        response_mask[r, p: len(s)] = True
+        response_mask[r, p : len(s)] = True
 
     def per_token(chosen_values: list[list[float]], rejected_values: list[list[float]]) -> Tensor:
         out = torch.zeros((n, width), dtype=torch.float32)
         values = [chosen_values[j] for j in rows] + [rejected_values[j] for j in rows]
         for r, (v, p) in enumerate(zip(values, prompt_lens, strict=True)):
-            out[r, p: p + len(v)] = torch.tensor(v, dtype=torch.float32)
+            out[r, p : p + len(v)] = torch.tensor(v, dtype=torch.float32)
         return out
 
     batch = MicroBatch(
-        input_ids=input_ids, attention_mask=attention, response_mask=response_mask,
+        input_ids=input_ids,
+        attention_mask=attention,
+        response_mask=response_mask,
         row_weight=torch.tensor([1.0 if indices else 0.0] * len(rows)),
-        pair_ids=[data.pair_ids[j] for j in indices], num_real=real,
+        pair_ids=[data.pair_ids[j] for j in indices],
+        num_real=real,
         num_tokens=int(attention.sum()) if indices else 0,
     )
     if ref_logps:
@@ -362,8 +405,9 @@ def find_ds_config(path: str) -> Path:
     raise ConfigError(f"train.ds_config: DeepSpeed config {path} not found")
 
 
-def deepspeed_config(path: str, train: TrainConfig, world_size: int,
-                     hidden_size: int | None = None) -> dict[str, Any]:
+def deepspeed_config(
+    path: str, train: TrainConfig, world_size: int, hidden_size: int | None = None
+) -> dict[str, Any]:
     """Load a DeepSpeed JSON, fill "auto" from the run config, reject contradictions.
 
     Filled like the Hugging Face integration: batch sizes, accumulation, clipping, precision and
@@ -382,7 +426,8 @@ def deepspeed_config(path: str, train: TrainConfig, world_size: int,
             raise ConfigError(
                 f"{file}: remove '{key}': the optimizer and learning-rate schedule come from the "
                 "run config (train.learning_rate, prior_learning_rate, weight_decay, "
-                "warmup_ratio, lr_scheduler)")
+                "warmup_ratio, lr_scheduler)"
+            )
     micro, accum = train.per_device_batch_size, train.gradient_accumulation_steps
     errors: list[str] = []
 
@@ -391,16 +436,32 @@ def deepspeed_config(path: str, train: TrainConfig, world_size: int,
         if given == "auto":
             tree[key] = value
         elif given != value:
-            errors.append(f"{file}: {dotted} is {given!r} but {source} gives {value!r}; set it to "
-                          "\"auto\" or make them agree")
+            errors.append(
+                f"{file}: {dotted} is {given!r} but {source} gives {value!r}; set it to "
+                '"auto" or make them agree'
+            )
 
-    fill(cfg, "train_micro_batch_size_per_gpu", micro, "train.per_device_batch_size",
-         "train_micro_batch_size_per_gpu")
-    fill(cfg, "gradient_accumulation_steps", accum, "train.gradient_accumulation_steps",
-         "gradient_accumulation_steps")
-    fill(cfg, "train_batch_size", micro * accum * world_size,
-         f"per_device_batch_size x gradient_accumulation_steps x {world_size} ranks",
-         "train_batch_size")
+    fill(
+        cfg,
+        "train_micro_batch_size_per_gpu",
+        micro,
+        "train.per_device_batch_size",
+        "train_micro_batch_size_per_gpu",
+    )
+    fill(
+        cfg,
+        "gradient_accumulation_steps",
+        accum,
+        "train.gradient_accumulation_steps",
+        "gradient_accumulation_steps",
+    )
+    fill(
+        cfg,
+        "train_batch_size",
+        micro * accum * world_size,
+        f"per_device_batch_size x gradient_accumulation_steps x {world_size} ranks",
+        "train_batch_size",
+    )
     fill(cfg, "gradient_clipping", train.max_grad_norm, "train.max_grad_norm", "gradient_clipping")
     for name, enabled in (("bf16", train.precision == "bf16"), ("fp16", False)):
         section = cfg.setdefault(name, {})
@@ -409,8 +470,10 @@ def deepspeed_config(path: str, train: TrainConfig, world_size: int,
             continue
         source = f"train.precision={train.precision!r}"
         if name == "fp16" and section.get("enabled") is True:
-            errors.append(f"{file}: fp16.enabled is true: fp16 is not supported (use "
-                          "train.precision=bf16 or fp32)")
+            errors.append(
+                f"{file}: fp16.enabled is true: fp16 is not supported (use "
+                "train.precision=bf16 or fp32)"
+            )
         else:
             fill(section, "enabled", enabled, source, f"{name}.enabled")
     zero = cfg.setdefault("zero_optimization", {"stage": 3})
@@ -426,7 +489,7 @@ def deepspeed_config(path: str, train: TrainConfig, world_size: int,
             zero[key] = value
     leftover = [k for k, v in _walk(cfg) if v == "auto"]
     if leftover:
-        errors.append(f"{file}: cannot fill \"auto\" for {', '.join(leftover)}")
+        errors.append(f'{file}: cannot fill "auto" for {", ".join(leftover)}')
     if errors:
         raise ConfigError("\n".join(errors))
     # Torch AdamW (no FusedAdam build); also accepted beside ZeRO-Offload.
@@ -468,8 +531,9 @@ def _shift_right(hidden: Tensor) -> Tensor:
     return torch.cat([torch.zeros_like(hidden[:, :1]), hidden[:, :-1]], dim=1)
 
 
-def scatter_prompt_free(values: Tensor, free_mask: Tensor, prompt_lengths: Tensor,
-                        shape: torch.Size) -> tuple[Tensor, Tensor]:
+def scatter_prompt_free(
+    values: Tensor, free_mask: Tensor, prompt_lengths: Tensor, shape: torch.Size
+) -> tuple[Tensor, Tensor]:
     """Prompt-free per-token values [N, Tr] -> full-sequence layout [N, T] (and its mask)."""
     rows, cols = free_mask.nonzero(as_tuple=True)
     full = values.new_zeros(shape)
@@ -501,12 +565,14 @@ def prompt_free_logps(lm: nn.Module, batch: MicroBatch, chunk_size: int) -> tupl
     from pipeline.objectives import response_token_stats
 
     assert batch.free_ids is not None and batch.free_attention_mask is not None
-    hidden = _decoder(lm)(input_ids=batch.free_ids,
-                          attention_mask=batch.free_attention_mask).last_hidden_state
+    hidden = _decoder(lm)(
+        input_ids=batch.free_ids, attention_mask=batch.free_attention_mask
+    ).last_hidden_state
     mask = batch.free_attention_mask.bool().clone()
     mask[:, 0] = False
-    stats = response_token_stats(hidden, batch.free_ids, mask, lm.get_output_embeddings(),
-                                 chunk_size=chunk_size)
+    stats = response_token_stats(
+        hidden, batch.free_ids, mask, lm.get_output_embeddings(), chunk_size=chunk_size
+    )
     return stats.logps, mask
 
 
@@ -531,18 +597,23 @@ class ReferenceModule(nn.Module):
     def head(self) -> nn.Module:
         return self.lm.get_output_embeddings()  # type: ignore[no-any-return]
 
-    def forward(self, fields: dict[str, Any], want_logps: bool, want_hidden: bool,
-                hidden_layers: int) -> dict[str, Tensor | None]:
+    def forward(
+        self, fields: dict[str, Any], want_logps: bool, want_hidden: bool, hidden_layers: int
+    ) -> dict[str, Tensor | None]:
         from pipeline.objectives import response_token_stats
 
         batch = MicroBatch(**fields)
-        out = _decoder(self.lm)(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                                output_hidden_states=hidden_layers > 1)
+        out = _decoder(self.lm)(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            output_hidden_states=hidden_layers > 1,
+        )
         hidden = out.last_hidden_state
         result = ReferenceOutputs()
         if want_logps:
-            result.logps = response_token_stats(hidden, batch.input_ids, batch.response_mask,
-                                                self.head, chunk_size=self.chunk_size).logps
+            result.logps = response_token_stats(
+                hidden, batch.input_ids, batch.response_mask, self.head, chunk_size=self.chunk_size
+            ).logps
         if want_hidden:
             result.hidden = hidden
         if hidden_layers == 1:
@@ -554,22 +625,36 @@ class ReferenceModule(nn.Module):
 
 
 class ObjectiveCall(nn.Module):
-    """The objective as ZeRO-3 sees it: a dict of tensors in, a dict out.
+    """The objective as ZeRO-3 needs it: tensors in (positional), a tuple of tensors out.
 
-    ZeRO-3 hooks find tensors in dicts, lists and tuples only; behind a dataclass (PairBatch,
-    ObjectiveOutput) its pre-backward gather of the prior's parameters would never fire. This
-    module is a ZeRO-3 "leaf": the prior's few parameters are gathered together when it runs.
+    It is a ZeRO-3 "leaf": the prior's few parameters are gathered together when it runs, and
+    their gradients are reduced by a module backward hook, which PyTorch only calls for tensor
+    arguments and tuple-of-tensor outputs (never through PairBatch or ObjectiveOutput).
     """
 
     def __init__(self, objective: nn.Module) -> None:
         super().__init__()
         self.objective = objective
+        self.metrics: dict[str, float] = {}
 
-    def forward(self, fields: dict[str, Tensor]) -> dict[str, Any]:
+    def forward(self, *values: Tensor | None) -> tuple[Tensor, Tensor]:
+        from dataclasses import fields
+
         from pipeline.objectives import PairBatch
 
-        out = self.objective(PairBatch(**fields))
-        return {"loss": out.loss, "losses": out.losses, "metrics": out.metrics}
+        names = [f.name for f in fields(PairBatch)]
+        out = self.objective(PairBatch(**dict(zip(names, values, strict=True))))
+        self.metrics = out.metrics
+        return out.loss, out.losses
+
+    def call(self, batch_fields: dict[str, Tensor]) -> dict[str, Any]:
+        """Run on named PairBatch fields; {"loss", "losses", "metrics"}."""
+        from dataclasses import fields
+
+        from pipeline.objectives import PairBatch
+
+        loss, losses = self(*(batch_fields.get(f.name) for f in fields(PairBatch)))
+        return {"loss": loss, "losses": losses, "metrics": self.metrics}
 
 
 class PolicyModule(nn.Module):
@@ -589,23 +674,34 @@ class PolicyModule(nn.Module):
     def objective(self) -> nn.Module:
         return self.objective_call.objective
 
-    def forward(self, fields: dict[str, Any], ref: dict[str, Tensor | None] | None = None,
-                ref_head: nn.Module | None = None, marginal: tuple[Tensor, Tensor] | None = None,
-                mode: str = "loss") -> Any:
+    def forward(
+        self,
+        fields: dict[str, Any],
+        ref: dict[str, Tensor | None] | None = None,
+        ref_head: nn.Module | None = None,
+        marginal: tuple[Tensor, Tensor] | None = None,
+        mode: str = "loss",
+    ) -> Any:
         from pipeline.objectives import response_token_stats
         from pipeline.objectives.batch import SIDE_FIELDS
 
         batch = MicroBatch(**fields)
         obj = self.objective
-        hidden = _decoder(self.lm)(input_ids=batch.input_ids,
-                                   attention_mask=batch.attention_mask).last_hidden_state
+        hidden = _decoder(self.lm)(
+            input_ids=batch.input_ids, attention_mask=batch.attention_mask
+        ).last_hidden_state
         requires = obj.requires if mode == "loss" else frozenset()
         want_kl = bool(requires & {"chosen_kl", "chosen_reverse_kl"})
         ref_hidden = ref.get("hidden") if (want_kl and ref is not None) else None
         stats = response_token_stats(
-            hidden, batch.input_ids, batch.response_mask, self.lm.get_output_embeddings(),
-            ref_hidden=ref_hidden, ref_lm_head=ref_head if ref_hidden is not None else None,
-            kl="chosen_kl" in requires, reverse_kl="chosen_reverse_kl" in requires,
+            hidden,
+            batch.input_ids,
+            batch.response_mask,
+            self.lm.get_output_embeddings(),
+            ref_hidden=ref_hidden,
+            ref_lm_head=ref_head if ref_hidden is not None else None,
+            kl="chosen_kl" in requires,
+            reverse_kl="chosen_reverse_kl" in requires,
             chunk_size=self.chunk_size,
         )
         if mode == "logps":
@@ -626,21 +722,24 @@ class PolicyModule(nn.Module):
         if ref_logps is None:
             ref_logps = batch.ref_logps
         fields_out: dict[str, Tensor] = {
-            "chosen_logps": stats.logps[:b], "rejected_logps": stats.logps[b:],
-            "chosen_mask": mask[:b], "rejected_mask": mask[b:],
+            "chosen_logps": stats.logps[:b],
+            "rejected_logps": stats.logps[b:],
+            "chosen_mask": mask[:b],
+            "rejected_mask": mask[b:],
         }
         if obj.needs_marginal_logps:
             if marginal is None:  # the policy itself, prompt-free, no gradient (RMiPO)
                 with torch.no_grad():
                     marginal = prompt_free_logps(self.lm, batch, self.chunk_size)
             assert batch.prompt_lengths is not None
-            full, full_mask = scatter_prompt_free(marginal[0].detach(), marginal[1],
-                                                  batch.prompt_lengths, mask.shape)
+            full, full_mask = scatter_prompt_free(
+                marginal[0].detach(), marginal[1], batch.prompt_lengths, mask.shape
+            )
             fields_out |= split("marginal_logps", full) | split("marginal_mask", full_mask)
         fields_out |= split("ref_hidden", ref.get("layer_hidden") if ref is not None else None)
         fields_out |= split("kl", stats.kl) | split("reverse_kl", stats.reverse_kl)
         fields_out |= split("ref_logps", ref_logps) | split("weights", batch.weights)
-        return self.objective_call(fields_out)
+        return self.objective_call.call(fields_out)
 
 
 # ================================================================================================
@@ -667,8 +766,9 @@ def lr_lambda(kind: str, total_steps: int, warmup_steps: int) -> Callable[[int],
     return fn
 
 
-def parameter_groups(model: nn.Module, objective: nn.Module, lr: float, weight_decay: float,
-                     prior_lr: float) -> list[dict[str, Any]]:
+def parameter_groups(
+    model: nn.Module, objective: nn.Module, lr: float, weight_decay: float, prior_lr: float
+) -> list[dict[str, Any]]:
     """Model weights (decay on matrices only) and the prior's parameters (own learning rate)."""
     prior_ids = {id(p) for p in objective.parameters()}
     decay, no_decay = [], []
@@ -697,8 +797,13 @@ def partition_report(module: nn.Module) -> dict[str, Any]:
         local += held
         full += numel
         fractions.append(held / max(1, numel))
-    return {"params": len(fractions), "local_numel": local, "full_numel": full,
-            "min_fraction": min(fractions, default=0.0), "max_fraction": max(fractions, default=0.0)}
+    return {
+        "params": len(fractions),
+        "local_numel": local,
+        "full_numel": full,
+        "min_fraction": min(fractions, default=0.0),
+        "max_fraction": max(fractions, default=0.0),
+    }
 
 
 def gathered_state_dict(module: nn.Module, is_main: bool) -> dict[str, Tensor]:
@@ -715,8 +820,11 @@ def gathered_state_dict(module: nn.Module, is_main: bool) -> dict[str, Tensor]:
             if is_main:
                 state[name] = param.detach().to("cpu", copy=True)
     if is_main:
-        non_persistent = {f"{m}.{b}".lstrip(".") for m, sub in module.named_modules()
-                          for b in getattr(sub, "_non_persistent_buffers_set", ())}
+        non_persistent = {
+            f"{m}.{b}".lstrip(".")
+            for m, sub in module.named_modules()
+            for b in getattr(sub, "_non_persistent_buffers_set", ())
+        }
         for name, buf in module.named_buffers():
             if name not in non_persistent:
                 state[name] = buf.detach().to("cpu", copy=True)
@@ -740,6 +848,7 @@ class TrainPlan:
     objective: nn.Module  # the MI-DPO objective (with its learnable prior, if any)
     log: Callable[[int, dict[str, float]], None] | None = None  # rank 0: per-step metrics sink
     export: bool = True  # write the Hugging Face folder (and check it) at the end
+    checkpoints: bool = True  # save DeepSpeed checkpoints (every N steps and at the end)
 
     @property
     def global_batch(self) -> int:
@@ -808,8 +917,11 @@ class Trainer:
         self.objective = plan.objective
         self.marginal_source = marginal_source(self.objective)
         self.ref_layers = reference_hidden_layers(self.objective)
-        needs_ref = bool(self.objective.needs_reference_logps
-                         or self.objective.needs_reference_distribution or self.ref_layers)
+        needs_ref = bool(
+            self.objective.needs_reference_logps
+            or self.objective.needs_reference_distribution
+            or self.ref_layers
+        )
         self.live_reference = needs_ref and plan.reference_mode == "live"
         self.dtype = torch.bfloat16 if plan.train.precision == "bf16" else torch.float32
         self.device = distributed.current_device()
@@ -853,11 +965,14 @@ class Trainer:
         module = PolicyModule(lm, self.objective, t.token_chunk_size)
         # The objective's few prior parameters are gathered together when it is called.
         set_z3_leaf_modules(module, [ObjectiveCall])
-        groups = parameter_groups(module, self.objective, t.learning_rate, t.weight_decay,
-                                  prior_learning_rate(t))
+        groups = parameter_groups(
+            module, self.objective, t.learning_rate, t.weight_decay, prior_learning_rate(t)
+        )
         optimizer = self._optimizer(groups)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=module, optimizer=optimizer, config=ds,
+            model=module,
+            optimizer=optimizer,
+            config=ds,
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
         )
         self.group_names = [g.get("name", str(i)) for i, g in enumerate(groups)]
@@ -866,8 +981,8 @@ class Trainer:
         if self.live_reference:
             ref_lm = self._load_lm(self.plan.reference_dir, train=False)
             self.ref_engine, *_ = deepspeed.initialize(
-                model=ReferenceModule(ref_lm, t.token_chunk_size),
-                config=frozen_engine_config(ds))
+                model=ReferenceModule(ref_lm, t.token_chunk_size), config=frozen_engine_config(ds)
+            )
             self.ref_engine.eval()
 
         self.marginal_engine = None
@@ -879,8 +994,11 @@ class Trainer:
             m_lr = t.marginal_prior_learning_rate or t.learning_rate
             m_groups = parameter_groups(m_module, nn.Module(), m_lr, t.weight_decay, m_lr)
             self.marginal_engine, *_ = deepspeed.initialize(
-                model=m_module, optimizer=self._optimizer(m_groups), config=ds,
-                lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))
+                model=m_module,
+                optimizer=self._optimizer(m_groups),
+                config=ds,
+                lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
+            )
 
     def _optimizer(self, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
         offload = self.plan.ds_config.get("zero_optimization", {}).get("offload_optimizer") or {}
@@ -904,10 +1022,13 @@ class Trainer:
     def _micro_batch(self, indices: list[int], filler: int) -> MicroBatch:
         data = self.plan.data
         batch = collate(
-            data, indices, filler, self.pad_id,
+            data,
+            indices,
+            filler,
+            self.pad_id,
             ref_logps=self.plan.reference_mode == "precomputed",
-            weights=data.has_weights and bool(self.objective.requires
-                                              & {"chosen_weights", "rejected_weights"}),
+            weights=data.has_weights
+            and bool(self.objective.requires & {"chosen_weights", "rejected_weights"}),
             prompt_free=self.marginal_source is not None,
         )
         return batch.to(self.device)
@@ -917,9 +1038,11 @@ class Trainer:
             return None
         with torch.no_grad():
             out: dict[str, Tensor | None] = self.ref_engine(
-                batch.as_dict(), want_logps=not self.objective.needs_reference_distribution,
+                batch.as_dict(),
+                want_logps=not self.objective.needs_reference_distribution,
                 want_hidden=self.objective.needs_reference_distribution,
-                hidden_layers=self.ref_layers)
+                hidden_layers=self.ref_layers,
+            )
         return out
 
     def _marginal(self, batch: MicroBatch) -> tuple[Tensor, Tensor] | None:
@@ -938,11 +1061,19 @@ class Trainer:
         metrics_path = plan.checkpoint_dir / "metrics.jsonl"
         main = self.ranks.is_main
         if main:
+            plan.checkpoint_dir.mkdir(parents=True, exist_ok=True)
             _truncate_metrics(metrics_path, start)
         from tqdm import tqdm
 
-        bar = tqdm(total=total, initial=start, unit="step", desc="train", disable=not main,
-                   dynamic_ncols=True, file=sys.stderr)
+        bar = tqdm(
+            total=total,
+            initial=start,
+            unit="step",
+            desc="train",
+            disable=not main,
+            dynamic_ncols=True,
+            file=sys.stderr,
+        )
         last_loss = float("nan")
         order_cache: dict[int, list[list[int]]] = {}
         started = time.time()
@@ -953,8 +1084,9 @@ class Trainer:
             epoch, index = divmod(step, plan.steps_per_epoch)
             if epoch not in order_cache:
                 order_cache.clear()
-                order_cache[epoch] = epoch_batches(self.lengths, plan.global_batch, t.seed, epoch,
-                                                   t.bucket_window)
+                order_cache[epoch] = epoch_batches(
+                    self.lengths, plan.global_batch, t.seed, epoch, t.bucket_window
+                )
             global_batch = order_cache[epoch][index]
             micro = split_global_batch(global_batch, self.lengths, world, accum, rank)
             t0 = time.time()
@@ -972,17 +1104,25 @@ class Trainer:
                     f.write(json.dumps({"step": step + 1, **metrics}) + "\n")
                 if plan.log is not None:
                     plan.log(step + 1, metrics)
-                bar.set_postfix(loss=f"{last_loss:.4f}", acc=f"{metrics['rewards/accuracies']:.2f}",
-                                tok_s=f"{metrics['tokens_per_s']:.0f}")
+                bar.set_postfix(
+                    loss=f"{last_loss:.4f}",
+                    acc=f"{metrics['rewards/accuracies']:.2f}",
+                    tok_s=f"{metrics['tokens_per_s']:.0f}",
+                )
                 bar.update(1)
-            if (step + 1) % t.checkpoint_every == 0 or step + 1 == total:
+            if plan.checkpoints and ((step + 1) % t.checkpoint_every == 0 or step + 1 == total):
                 self.save_checkpoint(step + 1)
         bar.close()
         seconds = time.time() - started
         export_check = self.export() if plan.export else {}
         return TrainResult(
-            steps=total, final_loss=last_loss, resumed_from=start, export_check=export_check,
-            metrics_path=metrics_path, seconds=seconds, history=history,
+            steps=total,
+            final_loss=last_loss,
+            resumed_from=start,
+            export_check=export_check,
+            metrics_path=metrics_path,
+            seconds=seconds,
+            history=history,
             tokens_per_s=tokens_total / seconds if seconds > 0 else 0.0,
         )
 
@@ -999,8 +1139,9 @@ class Trainer:
                 delattr(self, name)
         gc.collect()
 
-    def _policy_step(self, step: int, micro: list[list[int]], global_batch: list[int]
-                     ) -> tuple[dict[str, float], int]:
+    def _policy_step(
+        self, step: int, micro: list[list[int]], global_batch: list[int]
+    ) -> tuple[dict[str, float], int]:
         """Forward/backward every micro-batch, then the optimizer step. Returns summed metrics."""
         world, accum = self.ranks.world_size, self.train_cfg.gradient_accumulation_steps
         n_global = len(global_batch)
@@ -1015,8 +1156,9 @@ class Trainer:
             out = self.engine(batch.as_dict(), ref=ref, ref_head=ref_head, marginal=marginal)
             losses = out["losses"]
             extra = out["loss"] - losses.mean()  # terms beyond the pair losses (SimPO's SFT)
-            loss = scale * ((losses * batch.row_weight.to(losses.dtype)).sum()
-                            + batch.num_real * extra)
+            loss = scale * (
+                (losses * batch.row_weight.to(losses.dtype)).sum() + batch.num_real * extra
+            )
             if not distributed.all_true(bool(torch.isfinite(loss.detach()).item())):
                 self._non_finite(step, m, batch, losses)
             self.engine.backward(loss)
@@ -1044,14 +1186,22 @@ class Trainer:
             total += float(nll.detach()) * batch.num_real
         return total
 
-    def _finish_metrics(self, sums: dict[str, float], tokens: int, n_global: int,
-                        step_time: float, epoch: int, lrs: list[float]) -> dict[str, float]:
+    def _finish_metrics(
+        self,
+        sums: dict[str, float],
+        tokens: int,
+        n_global: int,
+        step_time: float,
+        epoch: int,
+        lrs: list[float],
+    ) -> dict[str, float]:
         """Means over the global batch (one all-reduce), plus optimizer and speed figures."""
         import torch.distributed as dist
 
         keys = sorted(sums)
-        values = torch.tensor([sums[k] for k in keys] + [float(tokens)], dtype=torch.float64,
-                              device=self.device)
+        values = torch.tensor(
+            [sums[k] for k in keys] + [float(tokens)], dtype=torch.float64, device=self.device
+        )
         if dist.is_initialized():
             dist.all_reduce(values)
         totals = values.tolist()
@@ -1071,8 +1221,11 @@ class Trainer:
         return metrics
 
     def _non_finite(self, step: int, micro_step: int, batch: MicroBatch, losses: Tensor) -> None:
-        bad = [pid for pid, value in zip(batch.pair_ids, losses.tolist(), strict=False)
-               if not math.isfinite(value)]
+        bad = [
+            pid
+            for pid, value in zip(batch.pair_ids, losses.tolist(), strict=False)
+            if not math.isfinite(value)
+        ]
         everywhere = sorted({p for part in distributed.gather_objects(bad) for p in part})
         latest = read_latest(self.plan.checkpoint_dir)
         kept = f"step {latest['step']} in {self.plan.checkpoint_dir}" if latest else "none yet"
@@ -1080,19 +1233,25 @@ class Trainer:
             f"non-finite loss at optimizer step {step + 1}, micro-batch {micro_step + 1} "
             f"(pairs {', '.join(everywhere) or 'unknown'}); stopped before applying it. Last good "
             f"checkpoint: {kept}. Lower train.learning_rate or fix those pairs, then rerun to "
-            "resume")
+            "resume"
+        )
 
     # -- checkpoints ---------------------------------------------------------------------------
     def save_checkpoint(self, step: int) -> None:
         """Engine (model, optimizer, scheduler) + data position + RNG; then mark it complete."""
         root, tag = self.plan.checkpoint_dir, f"step{step}"
-        state = {"step": step, "data_signature": self.plan.data.signature(),
-                 "samples_seen": min(step * self.plan.global_batch,
-                                     self.plan.steps_per_epoch * self.plan.global_batch)}
+        state = {
+            "step": step,
+            "data_signature": self.plan.data.signature(),
+            "samples_seen": min(
+                step * self.plan.global_batch, self.plan.steps_per_epoch * self.plan.global_batch
+            ),
+        }
         self.engine.save_checkpoint(str(root), tag=tag, client_state=state, save_latest=False)
         if self.marginal_engine is not None:
-            self.marginal_engine.save_checkpoint(str(root / "marginal_prior"), tag=tag,
-                                                 save_latest=False)
+            self.marginal_engine.save_checkpoint(
+                str(root / "marginal_prior"), tag=tag, save_latest=False
+            )
         torch.save(_rng_state(), root / tag / f"rng_rank{self.ranks.rank}.pt")
         distributed.barrier()  # every rank's shards are on disk before the marker says so
         if self.ranks.is_main:
@@ -1114,18 +1273,23 @@ class Trainer:
         if path is None:
             raise TrainingError(f"checkpoint {self.plan.checkpoint_dir / tag} could not be loaded")
         if state.get("data_signature") != self.plan.data.signature():
-            raise TrainingError(f"checkpoint {path} was made on other training data; rerun with "
-                                "--force to start over")
+            raise TrainingError(
+                f"checkpoint {path} was made on other training data; rerun with "
+                "--force to start over"
+            )
         if self.marginal_engine is not None:
             self.marginal_engine.load_checkpoint(
-                str(self.plan.checkpoint_dir / "marginal_prior"), tag=tag)
+                str(self.plan.checkpoint_dir / "marginal_prior"), tag=tag
+            )
         rng_file = self.plan.checkpoint_dir / tag / f"rng_rank{self.ranks.rank}.pt"
         if rng_file.is_file():
             _set_rng_state(torch.load(rng_file, weights_only=False))
         step = int(state["step"])
         if self.ranks.is_main:
-            print(f"[train] resuming from {self.plan.checkpoint_dir / tag} (step {step})",
-                  file=sys.stderr)
+            print(
+                f"[train] resuming from {self.plan.checkpoint_dir / tag} (step {step})",
+                file=sys.stderr,
+            )
         return step
 
     # -- export --------------------------------------------------------------------------------
@@ -1158,14 +1322,26 @@ class Trainer:
             self.lm.save_pretrained(str(tmp), state_dict=state, safe_serialization=True)
             self.tokenizer.save_pretrained(str(tmp))
             os.replace(tmp, out)
-            check = export_check(out, self._micro_batch(list(range(len(ids))), 0).to(
-                torch.device("cpu")), engine_logps, ids, self.dtype, self.train_cfg.token_chunk_size)
+            check = export_check(
+                out,
+                self._micro_batch(list(range(len(ids))), 0).to(torch.device("cpu")),
+                engine_logps,
+                ids,
+                self.dtype,
+                self.train_cfg.token_chunk_size,
+            )
         distributed.barrier()
         return check
 
 
-def export_check(folder: Path, batch: MicroBatch, engine_logps: Tensor, ids: list[str],
-                 dtype: torch.dtype, chunk_size: int) -> dict[str, Any]:
+def export_check(
+    folder: Path,
+    batch: MicroBatch,
+    engine_logps: Tensor,
+    ids: list[str],
+    dtype: torch.dtype,
+    chunk_size: int,
+) -> dict[str, Any]:
     """Reload the exported folder with plain transformers; its log-probs must match the engine's."""
     from transformers import AutoModelForCausalLM
 
@@ -1174,19 +1350,32 @@ def export_check(folder: Path, batch: MicroBatch, engine_logps: Tensor, ids: lis
     lm = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype)
     lm.eval()
     with torch.no_grad():
-        hidden = _decoder(lm)(input_ids=batch.input_ids,
-                              attention_mask=batch.attention_mask).last_hidden_state
-        stats = response_token_stats(hidden, batch.input_ids, batch.response_mask,
-                                     lm.get_output_embeddings(), chunk_size=chunk_size)
+        hidden = _decoder(lm)(
+            input_ids=batch.input_ids, attention_mask=batch.attention_mask
+        ).last_hidden_state
+        stats = response_token_stats(
+            hidden,
+            batch.input_ids,
+            batch.response_mask,
+            lm.get_output_embeddings(),
+            chunk_size=chunk_size,
+        )
     reloaded = (stats.logps * batch.response_mask).sum(dim=1).double()
     diff = float((reloaded - engine_logps).abs().max())
     scale = float(engine_logps.abs().max()) + 1.0
     tolerance = (1e-2 if dtype == torch.bfloat16 else 1e-4) * scale
-    result = {"pair_ids": ids, "engine_logps": engine_logps.tolist(),
-              "reloaded_logps": reloaded.tolist(), "max_abs_diff": diff, "tolerance": tolerance}
+    result = {
+        "pair_ids": ids,
+        "engine_logps": engine_logps.tolist(),
+        "reloaded_logps": reloaded.tolist(),
+        "max_abs_diff": diff,
+        "tolerance": tolerance,
+    }
     if not diff <= tolerance:
-        raise TrainingError(f"exported model {folder} does not reproduce the engine's log-probs "
-                            f"(max difference {diff:.3g} > {tolerance:.3g})")
+        raise TrainingError(
+            f"exported model {folder} does not reproduce the engine's log-probs "
+            f"(max difference {diff:.3g} > {tolerance:.3g})"
+        )
     return result
 
 
@@ -1217,14 +1406,18 @@ def _truncate_metrics(path: Path, step: int) -> None:
     """Keep the metric lines of steps <= ``step`` (a resumed run rewrites what came after)."""
     if not path.is_file():
         return
-    lines = [ln for ln in path.read_text().splitlines()
-             if ln.strip() and json.loads(ln)["step"] <= step]
+    lines = [
+        ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step
+    ]
     path.write_text("".join(ln + "\n" for ln in lines))
 
 
 def _rng_state() -> dict[str, Any]:
-    return {"python": random.getstate(), "numpy": np.random.get_state(),
-            "torch": torch.get_rng_state()}
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:
@@ -1251,8 +1444,9 @@ def model_dirs(cfg: RunConfig, store: RunStore) -> tuple[Path, Path, Path]:
     sampler = Path(generated["model_dir"]) if generated and generated.get("model_dir") else base
     score_ref = Path(cfg.score.reference_model).expanduser() if cfg.score.reference_model else base
     policy = Path(cfg.train.init_model).expanduser() if cfg.train.init_model else sampler
-    reference = (Path(cfg.train.reference_model).expanduser() if cfg.train.reference_model
-                 else score_ref)
+    reference = (
+        Path(cfg.train.reference_model).expanduser() if cfg.train.reference_model else score_ref
+    )
     allow = cfg.model.allow_pickle_weights
     for key, folder in (("train.init_model", policy), ("train.reference_model", reference)):
         try:
@@ -1262,9 +1456,10 @@ def model_dirs(cfg: RunConfig, store: RunStore) -> tuple[Path, Path, Path]:
     return policy.resolve(), reference.resolve(), score_ref.resolve()
 
 
-def choose_reference(objective: nn.Module, train: TrainConfig, data: PairData,
-                     same_as_score: bool) -> str:
-    """"none", "precomputed" (pairs.parquet's log-probs) or "live" (a reference engine)."""
+def choose_reference(
+    objective: nn.Module, train: TrainConfig, data: PairData, same_as_score: bool
+) -> str:
+    """ "none", "precomputed" (pairs.parquet's log-probs) or "live" (a reference engine)."""
     needs_live = bool(objective.needs_reference_distribution or reference_hidden_layers(objective))
     if not (objective.needs_reference_logps or needs_live):
         return "none"
@@ -1273,50 +1468,80 @@ def choose_reference(objective: nn.Module, train: TrainConfig, data: PairData,
             raise ConfigError(
                 f"train.reference=precomputed: objective {train.objective!r} needs the reference's "
                 "full distribution or activations at every step, which no precompute serves; "
-                "use train.reference=auto")
+                "use train.reference=auto"
+            )
         return "live"
     if train.reference == "live":
         return "live"
     if data.has_ref_logps and same_as_score:
         return "precomputed"
     if train.reference == "precomputed":
-        why = ("pairs.parquet has no reference log-probs (score.reference_logps=none?)"
-               if not data.has_ref_logps else
-               "train.reference_model differs from the score stage's reference")
+        why = (
+            "pairs.parquet has no reference log-probs (score.reference_logps=none?)"
+            if not data.has_ref_logps
+            else "train.reference_model differs from the score stage's reference"
+        )
         raise ConfigError(f"train.reference=precomputed: {why}")
     return "live"
 
 
-def make_plan(cfg: RunConfig, store: RunStore, world_size: int, *, output_dir: Path | None = None,
-              log: Callable[[int, dict[str, float]], None] | None = None) -> TrainPlan:
+def make_plan(
+    cfg: RunConfig,
+    store: RunStore,
+    world_size: int,
+    *,
+    output_dir: Path | None = None,
+    log: Callable[[int, dict[str, float]], None] | None = None,
+) -> TrainPlan:
     """Resolve data, models, reference mode and the DeepSpeed config; every check that can fail
     before training fails here (the stage calls it before launching any process)."""
     from pipeline.config import stage_config
 
     score = store.require("score")
     policy_dir, reference_dir, score_ref = model_dirs(cfg, store)
-    data = load_pairs(store.stage_dir("score") / "pairs.parquet",
-                      max_length=cfg.model.max_length, max_prompt_length=cfg.model.max_prompt_length)
+    data = load_pairs(
+        store.stage_dir("score") / "pairs.parquet",
+        max_length=cfg.model.max_length,
+        max_prompt_length=cfg.model.max_prompt_length,
+    )
     objective = build_objective(cfg.train)
     mode = choose_reference(objective, cfg.train, data, reference_dir == score_ref)
     needs_weights = bool(objective.requires & {"chosen_weights", "rejected_weights"})
     if needs_weights and not data.has_weights:
-        raise DataError(f"{data.source}: objective {cfg.train.objective!r} needs token weights "
-                        "(chosen_weights / rejected_weights); run `make score` with this objective")
+        raise DataError(
+            f"{data.source}: objective {cfg.train.objective!r} needs token weights "
+            "(chosen_weights / rejected_weights); run `make score` with this objective"
+        )
     # config.json read directly: importing transformers here would slow every launch.
     model_config = json.loads((policy_dir / "config.json").read_text())
     text_config = model_config.get("text_config") or {}
     vocab_size = model_config.get("vocab_size") or text_config.get("vocab_size")
     if vocab_size:
         check_vocabulary(data, int(vocab_size))
-    ds = deepspeed_config(cfg.train.ds_config, cfg.train, world_size,
-                          model_config.get("hidden_size") or text_config.get("hidden_size"))
-    key = {"train": stage_config(cfg, "train"), "score": score["output_hash"],
-           "world_size": world_size, "policy": str(policy_dir), "reference": str(reference_dir)}
+    ds = deepspeed_config(
+        cfg.train.ds_config,
+        cfg.train,
+        world_size,
+        model_config.get("hidden_size") or text_config.get("hidden_size"),
+    )
+    key = {
+        "train": stage_config(cfg, "train"),
+        "score": score["output_hash"],
+        "world_size": world_size,
+        "policy": str(policy_dir),
+        "reference": str(reference_dir),
+    }
     return TrainPlan(
-        train=cfg.train, data=data, policy_dir=policy_dir, reference_dir=reference_dir,
-        reference_mode=mode, ds_config=ds,
+        train=cfg.train,
+        data=data,
+        policy_dir=policy_dir,
+        reference_dir=reference_dir,
+        reference_mode=mode,
+        ds_config=ds,
         checkpoint_dir=checkpoint_dir(store.scratch_dir("train"), key),
-        output_dir=output_dir, world_size=world_size, max_length=cfg.model.max_length,
-        objective=objective, log=log,
+        output_dir=output_dir,
+        world_size=world_size,
+        max_length=cfg.model.max_length,
+        objective=objective,
+        log=log,
     )

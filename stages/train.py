@@ -32,15 +32,21 @@ from pipeline.runstore import RunStore, atomic_write_bytes, atomic_write_json
 def up_to_date(store: RunStore) -> bool:
     """The same test ``store.stage`` makes, without opening the stage (no ranks started)."""
     current = store.complete_manifest("train")
-    return (current is not None and current.get("config_hash") == store.expected_hash("train")
-            and current.get("input_hashes") == {"score": store.require("score")["output_hash"]})
+    return (
+        current is not None
+        and current.get("config_hash") == store.expected_hash("train")
+        and current.get("input_hashes") == {"score": store.require("score")["output_hash"]}
+    )
 
 
 def launch(cfg: RunConfig, store: RunStore, force: bool) -> None:
     """Check, then start every rank of this node; exit with the launcher's code on failure."""
     if not force and up_to_date(store):
-        print(f"[train] up to date in {store.stage_dir('train')} (config and inputs unchanged); "
-              "skipping. Use --force to rerun.", file=sys.stderr)
+        print(
+            f"[train] up to date in {store.stage_dir('train')} (config and inputs unchanged); "
+            "skipping. Use --force to rerun.",
+            file=sys.stderr,
+        )
         return
     plan = distributed.launch_plan(cfg.train.nproc)
     training.make_plan(cfg, store, plan.world_size)  # bad input fails here, before any rank
@@ -50,10 +56,12 @@ def launch(cfg: RunConfig, store: RunStore, force: bool) -> None:
     config_file = scratch / f"launch-{plan.node_rank or 0}.yaml"
     atomic_write_bytes(config_file, yaml.safe_dump(cfg.model_dump(mode="json")).encode())
     args = ["--config", str(config_file)] + (["--force"] if force else [])
-    code = distributed.launch("stages.train", args, plan, scratch)
+    code = distributed.launch("stages.train", args, plan)
     if code != 0:
-        print(f"midpo train: error: training failed (launcher exit code {code}); see above",
-              file=sys.stderr)
+        print(
+            f"midpo train: error: training failed (launcher exit code {code}); see above",
+            file=sys.stderr,
+        )
         raise SystemExit(code)
 
 
@@ -65,19 +73,35 @@ def train_rank(cfg: RunConfig, store: RunStore, force: bool) -> None:
     clean = False
     try:
         with contextlib.ExitStack() as stack:
-            st = (stack.enter_context(store.stage("train", inputs=["score"], force=force))
-                  if ranks.is_main else None)
+            st = (
+                stack.enter_context(store.stage("train", inputs=["score"], force=force))
+                if ranks.is_main
+                else None
+            )
             if distributed.broadcast_object(st.skipped if st is not None else None):
                 clean = True
                 return
             mlflow_run, log = None, None
             if st is not None:
-                mlflow_run = stack.enter_context(tracking.stage_run(cfg, "train", params={
-                    "train": cfg.train.model_dump(mode="json"), "world_size": ranks.world_size,
-                    "nodes": ranks.world_size // ranks.local_world_size}))
+                mlflow_run = stack.enter_context(
+                    tracking.stage_run(
+                        cfg,
+                        "train",
+                        params={
+                            "train": cfg.train.model_dump(mode="json"),
+                            "world_size": ranks.world_size,
+                            "nodes": ranks.world_size // ranks.local_world_size,
+                        },
+                    )
+                )
                 log = _mlflow_logger()
-            plan = training.make_plan(cfg, store, ranks.world_size, log=log,
-                                      output_dir=st.dir / "model" if st is not None else None)
+            plan = training.make_plan(
+                cfg,
+                store,
+                ranks.world_size,
+                log=log,
+                output_dir=st.dir / "model" if st is not None else None,
+            )
             if force and ranks.is_main:
                 shutil.rmtree(plan.checkpoint_dir, ignore_errors=True)
             if ranks.is_main:  # checkpoints of other configs or data can never be resumed
@@ -94,9 +118,11 @@ def train_rank(cfg: RunConfig, store: RunStore, force: bool) -> None:
                 shutil.copyfile(result.metrics_path, st.dir / "metrics.jsonl")
                 atomic_write_json(st.dir / "export_check.json", result.export_check)
                 st.record(**_summary(cfg, plan, result, partition, ranks, mlflow_run))
-                print(f"[train] {result.steps} steps, final loss {result.final_loss:.4f}, "
-                      f"{result.tokens_per_s:.0f} tokens/s -> {st.final_dir / 'model'}",
-                      file=sys.stderr)
+                print(
+                    f"[train] {result.steps} steps, final loss {result.final_loss:.4f}, "
+                    f"{result.tokens_per_s:.0f} tokens/s -> {st.final_dir / 'model'}",
+                    file=sys.stderr,
+                )
         clean = True
     except training.TrainingError as e:
         if not ranks.is_main:  # every rank raises the same error; rank 0 reports it
@@ -115,9 +141,14 @@ def _mlflow_logger() -> Any:
     return log
 
 
-def _summary(cfg: RunConfig, plan: training.TrainPlan, result: training.TrainResult,
-             partition: list[dict[str, Any]], ranks: distributed.Ranks,
-             mlflow_run: Any) -> dict[str, Any]:
+def _summary(
+    cfg: RunConfig,
+    plan: training.TrainPlan,
+    result: training.TrainResult,
+    partition: list[dict[str, Any]],
+    ranks: distributed.Ranks,
+    mlflow_run: Any,
+) -> dict[str, Any]:
     return {
         "objective": cfg.train.objective,
         "objective_hparams": dict(getattr(plan.objective, "hparams", {})),
