@@ -38,12 +38,14 @@ STAGE_FLAGS = --config $(CONFIG) $(if $(FORCE),--force) $(ARGS)
 
 .PHONY: setup pipeline prepare generate score train evaluate promote test check lint \
         mlflow-ui bench clean help
+.PHONY: submit cluster-status slurm-up slurm-down
 
 help:
 	@echo "make pipeline   run prepare -> generate -> score -> train -> evaluate -> promote"
 	@echo "make test       run the test suite"
 	@echo "make <stage>    run one stage (CONFIG=configs/demo.yaml ARGS='key=value ...' FORCE=1)"
 	@echo "make check      lint, type-check and test"
+	@echo "make submit     the chain as SLURM jobs (CONFIG=... WAIT=1; docs/cluster.md)"
 
 setup: $(STAMP)
 
@@ -79,6 +81,22 @@ check: lint test
 mlflow-ui: setup
 	$(BIN)/mlflow ui --host 127.0.0.1 --port $${PORT:-5000} \
 	  --backend-store-uri $${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/runs/mlflow.db}
+
+# SLURM (docs/cluster.md): the chain as dependent jobs, resources from the config's cluster:
+# section; WAIT=1 follows it to the end. `make slurm-up` starts a one-node SLURM here (root),
+# which `make submit` then uses unless SLURM_CONF points elsewhere.
+SLURM_DIR ?= runs/_slurm
+LOCAL_SLURM_CONF = $(if $(wildcard $(SLURM_DIR)/local_slurm.json),$(abspath $(SLURM_DIR))/slurm.conf)
+SLURM_ENV = $(if $(LOCAL_SLURM_CONF),SLURM_CONF=$${SLURM_CONF:-$(LOCAL_SLURM_CONF)})
+
+submit: setup
+	$(SLURM_ENV) $(BIN)/python -m pipeline.cluster submit $(STAGE_FLAGS) $(if $(WAIT),--wait)
+
+cluster-status: setup
+	$(SLURM_ENV) $(BIN)/python -m pipeline.cluster status --config $(CONFIG) $(ARGS)
+
+slurm-up slurm-down:
+	$(PYTHON) cluster/local_slurm.py $(patsubst slurm-%,%,$@) --dir $(SLURM_DIR)
 
 bench: setup
 	for b in bench/bench_*.py; do $(BIN)/python $$b || exit 1; done

@@ -242,12 +242,54 @@ class TrackingConfig(Section):
     experiment: str = "midpo"
 
 
-class ClusterConfig(Section):
+SLURM_TIME = r"^(\d+-)?\d{1,2}:\d{2}:\d{2}$"  # [days-]hours:minutes:seconds
+SLURM_MEM = r"^\d+[KMGT]?$"  # sbatch --mem: megabytes, or with a K/M/G/T suffix
+
+
+class StageResources(Section):
+    """One stage's SLURM request; fields left unset take the cluster section's defaults."""
+
     partition: str | None = None
+    nodes: int | None = Field(None, ge=1)
+    gpus_per_node: int | None = Field(None, ge=0)
+    cpus_per_task: int | None = Field(None, ge=1)
+    mem: str | None = Field(None, pattern=SLURM_MEM)
+    time: str | None = Field(None, pattern=SLURM_TIME)
+
+
+class ClusterConfig(Section):
+    # Defaults for every stage's job; `stages.<stage>` overrides them per stage.
+    partition: str | None = None
+    # Nodes for train, the one multi-node stage (DeepSpeed across nodes); the others use one.
     nodes: int = Field(1, ge=1)
     gpus_per_node: int = Field(0, ge=0)
-    cpus_per_task: int = Field(2, ge=1)
-    time: str = Field("01:00:00", pattern=r"^(\d+-)?\d{1,2}:\d{2}:\d{2}$")
+    cpus_per_task: int = Field(2, ge=1, description="CPUs per node (one task per node)")
+    time: str = Field("01:00:00", pattern=SLURM_TIME)
+    mem: str | None = Field(None, pattern=SLURM_MEM, description="memory per node, e.g. 200G")
+    account: str | None = None
+    qos: str | None = None
+    stages: dict[Literal["prepare", "generate", "score", "train", "evaluate", "promote"],
+                 StageResources] = Field(default_factory=dict)
+    # Extra sbatch flags for every job (e.g. --constraint=a100, --exclusive).
+    sbatch_args: list[str] = Field(default_factory=list)
+    # Shell lines each job runs before its stage (module load ..., source venv/bin/activate).
+    setup: list[str] = Field(default_factory=list)
+    # Interpreter on the compute nodes; default: the one that submits (on shared storage).
+    python: str | None = None
+
+    @model_validator(mode="after")
+    def _single_node_stages(self) -> ClusterConfig:
+        for stage, res in self.stages.items():
+            if stage != "train" and res.nodes is not None and res.nodes > 1:
+                raise ValueError(
+                    f"stages.{stage}.nodes={res.nodes}: only train runs across nodes; {stage} "
+                    "runs on one node (scale generation with generate.tensor_parallel_size and "
+                    "data_parallel_size, i.e. GPUs per node)"
+                )
+        for arg in self.sbatch_args:
+            if not arg.startswith("-"):
+                raise ValueError(f"sbatch_args: {arg!r} is not an sbatch flag (e.g. --constraint=a100)")
+        return self
 
 
 class RunConfig(Section):
