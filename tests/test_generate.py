@@ -289,13 +289,18 @@ def test_cli_reports_a_missing_model_in_one_line(
 
 # -- vLLM: one subprocess, one engine -----------------------------------------------------------
 VLLM_SCRIPT = """
+import json
 import sys
 from pipeline.config import load_config
+from pipeline.runstore import RunStore
 from tests.conftest import run_stage
 
 if __name__ == "__main__":
     cfg = load_config(sys.argv[1], sys.argv[2:])
     run_stage(cfg, "generate")
+    first = RunStore(cfg).require("generate")["outputs"]
+    run_stage(cfg, "generate", force=True)  # same engine, same seeds: the same samples?
+    (cfg.run_dir / "first_generate_outputs.json").write_text(json.dumps(first))
     run_stage(cfg, "score")
 """
 
@@ -346,6 +351,9 @@ def test_vllm_backend_same_schema(
     rows = read_rows(out)
     check_samples(cfg, rows)
     assert store.require("generate")["backend"] == "vllm"
+    # Deterministic for a seed: a forced rerun in the same process wrote the same bytes.
+    first = json.loads((cfg.run_dir / "first_generate_outputs.json").read_text())
+    assert store.require("generate")["outputs"] == first
     # Same schema (names and Arrow types) as the transformers backend.
     hf = prepared(tiny_config, tiny_prepared)
     run_stage(hf, "generate")
