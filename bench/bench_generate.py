@@ -72,7 +72,9 @@ def time_transformers(model_dir: Path, prompts: list[list[int]], args: argparse.
 
     t0 = time.perf_counter()
     sampler = TransformersSampler(model_dir, dtype=args.dtype)
-    sampler.eos_ids = []  # ignore EOS, as the vLLM run does: the same number of tokens
+    # Ignore EOS, as the vLLM run does: both generate the same number of tokens.
+    sampler.eos_ids = []
+    sampler.model.generation_config.eos_token_id = None
     start = time.perf_counter() - t0
     settings = SamplingSettings(args.n, 1.0, 1.0, args.max_tokens, 0)
     seeds = [prompt_seed(0, str(i)) for i in range(len(prompts))]

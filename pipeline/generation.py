@@ -166,29 +166,44 @@ def eos_token_ids(model_dir: Path, tokenizer: Any) -> list[int]:
     return sorted(ids)
 
 
-def _seeded_sampling_processor(generators: list[Any], temperature: float, top_p: float) -> Any:
-    """A logits processor that samples every row with its own generator (temperature, top-p)
-    and returns scores where only the sampled token is finite, so greedy decoding emits it."""
+def _sampling_processor(generators: list[Any] | None, temperature: float, top_p: float) -> Any:
+    """A logits processor that picks every row's next token itself (its own generator,
+    temperature, top-p; argmax when ``generators`` is None), records the picked token's raw
+    log-prob in ``.logps``, and returns scores where only the pick is finite, so that
+    ``generate``'s greedy step emits exactly it."""
     import torch
     from transformers import LogitsProcessor
 
-    class SeededSampling(LogitsProcessor):
+    class RowSampling(LogitsProcessor):
+        def __init__(self) -> None:
+            self.logps: list[torch.Tensor] = []
+
         def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-            probs = torch.softmax(scores.float() / temperature, dim=-1)
-            if top_p < 1.0:
-                sorted_p, order = probs.sort(dim=-1, descending=True)
-                # Keep the smallest prefix whose mass reaches top_p (the top token always).
-                drop = sorted_p.cumsum(-1) - sorted_p >= top_p
-                sorted_p = sorted_p.masked_fill(drop, 0.0)
-                probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
-            picked = torch.stack(
-                [torch.multinomial(probs[i], 1, generator=g)[0] for i, g in enumerate(generators)]
-            )
+            scores = scores.float()
+            if generators is None:
+                picked = scores.argmax(dim=-1)
+            else:
+                probs = torch.softmax(scores / temperature, dim=-1)
+                if top_p < 1.0:
+                    sorted_p, order = probs.sort(dim=-1, descending=True)
+                    # Keep the smallest prefix whose mass reaches top_p (the top token always).
+                    drop = sorted_p.cumsum(-1) - sorted_p >= top_p
+                    probs = torch.zeros_like(probs).scatter(
+                        -1, order, sorted_p.masked_fill(drop, 0.0)
+                    )
+                picked = torch.stack(
+                    [
+                        torch.multinomial(probs[i], 1, generator=g)[0]
+                        for i, g in enumerate(generators)
+                    ]
+                )
+            rows = torch.arange(scores.shape[0], device=scores.device)
+            self.logps.append(torch.log_softmax(scores, dim=-1)[rows, picked].cpu())
             out = torch.full_like(scores, float("-inf"))
-            out[torch.arange(scores.shape[0], device=scores.device), picked] = 0.0
+            out[rows, picked] = 0.0
             return out
 
-    return SeededSampling()
+    return RowSampling()
 
 
 class TransformersSampler:
@@ -204,6 +219,8 @@ class TransformersSampler:
         trust_remote_code: bool = False,
         allow_pickle: bool = False,
     ) -> None:
+        from transformers import GenerationConfig
+
         self.device = resolve_device(device)
         self.tokenizer = load_tokenizer(model_dir, trust_remote_code=trust_remote_code)
         self.model = (
@@ -218,6 +235,11 @@ class TransformersSampler:
         )
         self.eos_ids = eos_token_ids(model_dir, self.tokenizer)
         self.pad_id = int(self.tokenizer.pad_token_id)
+        # generate() fills unset options from the model's own generation config: replace it,
+        # so a folder's repetition penalty or the like cannot change what the run asked for.
+        self.model.generation_config = GenerationConfig(
+            eos_token_id=self.eos_ids, pad_token_id=self.pad_id
+        )
 
     def sample(
         self, prompts: Sequence[list[int]], seeds: Sequence[int], settings: SamplingSettings
@@ -233,42 +255,29 @@ class TransformersSampler:
         for i, r in enumerate(rows):  # left padding: every row's last prompt token aligns
             input_ids[i, width - len(r) :] = torch.tensor(r)
             attention[i, width - len(r) :] = 1
-        greedy = settings.temperature == 0.0
-        processors = LogitsProcessorList()
-        if not greedy:
-            gens = [
+        generators = None
+        if settings.temperature > 0.0:
+            generators = [
                 torch.Generator(device=self.device).manual_seed(s * 1024 + k)
                 for s in seeds
                 for k in range(n)
             ]
-            processors.append(
-                _seeded_sampling_processor(gens, settings.temperature, settings.top_p)
-            )
-        # A fresh config: the model's own sampling defaults (top_k, repetition penalty, ...)
-        # must not change what the run config asked for.
+        sampling = _sampling_processor(generators, settings.temperature, settings.top_p)
         gen_cfg = GenerationConfig(
-            do_sample=False,
+            do_sample=False,  # the processor samples; greedy then takes its pick
             max_new_tokens=settings.max_tokens,
-            eos_token_id=self.eos_ids,
+            eos_token_id=self.eos_ids or None,
             pad_token_id=self.pad_id,
-            output_logits=True,
-            return_dict_in_generate=True,
         )
         with torch.inference_mode():
-            out = self.model.generate(
+            sequences = self.model.generate(
                 input_ids=input_ids.to(self.device),
                 attention_mask=attention.to(self.device),
                 generation_config=gen_cfg,
-                logits_processor=processors,
+                logits_processor=LogitsProcessorList([sampling]),
             )
-        new_tokens = out.sequences[:, width:].cpu()
-        logits = torch.stack(out.logits, dim=1).float()  # [rows, steps, vocab], raw
-        logps = (
-            torch.log_softmax(logits, dim=-1)
-            .gather(-1, new_tokens[:, : logits.shape[1]].unsqueeze(-1).to(logits.device))
-            .squeeze(-1)
-            .cpu()
-        )
+        new_tokens = sequences[:, width:].cpu()
+        logps = torch.stack(sampling.logps, dim=1)  # [rows, steps]: raw log-probs of the picks
         eos = set(self.eos_ids)
         completions: list[Completion] = []
         for i in range(len(rows)):
