@@ -43,6 +43,7 @@ from torch import Tensor, nn
 from pipeline import distributed
 from pipeline.config import ConfigError, RunConfig, TrainConfig, config_hash
 from pipeline.data import DataError
+from pipeline.objectives import MIDPOObjective
 from pipeline.runstore import RunStore, StageError, atomic_write_json
 
 
@@ -317,7 +318,7 @@ class MicroBatch:
         moved = {
             k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in self.__dict__.items()
         }
-        return MicroBatch(**moved)
+        return MicroBatch(**moved)  # type: ignore[arg-type]
 
     def as_dict(self) -> dict[str, Any]:
         """The fields as a dict: what engines take, so ZeRO-3's hooks can see the tensors."""
@@ -521,9 +522,10 @@ def frozen_engine_config(ds: dict[str, Any]) -> dict[str, Any]:
 # ================================================================================================
 
 
-def _decoder(lm: nn.Module) -> nn.Module:
+def _decoder(lm: Any) -> nn.Module:
     """The transformer body of a Hugging Face causal LM (final hidden states, no head)."""
-    return getattr(lm, lm.base_model_prefix)  # type: ignore[no-any-return]
+    body: nn.Module = getattr(lm, lm.base_model_prefix)
+    return body
 
 
 def _shift_right(hidden: Tensor) -> Tensor:
@@ -551,7 +553,7 @@ class PromptFreeModule(nn.Module):
     prior's model (trained by maximum likelihood) and RMiPO's prompt-free policy pass.
     """
 
-    def __init__(self, lm: nn.Module, chunk_size: int) -> None:
+    def __init__(self, lm: Any, chunk_size: int) -> None:
         super().__init__()
         self.lm = lm
         self.chunk_size = chunk_size
@@ -560,7 +562,7 @@ class PromptFreeModule(nn.Module):
         return prompt_free_logps(self.lm, MicroBatch(**batch), self.chunk_size)
 
 
-def prompt_free_logps(lm: nn.Module, batch: MicroBatch, chunk_size: int) -> tuple[Tensor, Tensor]:
+def prompt_free_logps(lm: Any, batch: MicroBatch, chunk_size: int) -> tuple[Tensor, Tensor]:
     """(logps [2B, Tr], scored mask [2B, Tr]) of each response alone."""
     from pipeline.objectives import response_token_stats
 
@@ -588,14 +590,15 @@ class ReferenceOutputs:
 class ReferenceModule(nn.Module):
     """The frozen reference: token log-probs, or hidden states for the policy's KL chunks."""
 
-    def __init__(self, lm: nn.Module, chunk_size: int) -> None:
+    def __init__(self, lm: Any, chunk_size: int) -> None:
         super().__init__()
         self.lm = lm
         self.chunk_size = chunk_size
 
     @property
     def head(self) -> nn.Module:
-        return self.lm.get_output_embeddings()  # type: ignore[no-any-return]
+        head: nn.Module = self.lm.get_output_embeddings()
+        return head
 
     def forward(
         self, fields: dict[str, Any], want_logps: bool, want_hidden: bool, hidden_layers: int
@@ -632,7 +635,7 @@ class ObjectiveCall(nn.Module):
     arguments and tuple-of-tensor outputs (never through PairBatch or ObjectiveOutput).
     """
 
-    def __init__(self, objective: nn.Module) -> None:
+    def __init__(self, objective: MIDPOObjective) -> None:
         super().__init__()
         self.objective = objective
         self.metrics: dict[str, float] = {}
@@ -643,7 +646,7 @@ class ObjectiveCall(nn.Module):
         from pipeline.objectives import PairBatch
 
         names = [f.name for f in fields(PairBatch)]
-        out = self.objective(PairBatch(**dict(zip(names, values, strict=True))))
+        out = self.objective(PairBatch(**dict(zip(names, values, strict=True))))  # type: ignore[arg-type]
         self.metrics = out.metrics
         return out.loss, out.losses
 
@@ -664,14 +667,14 @@ class PolicyModule(nn.Module):
     of ``MicroBatch``); ``mode="logps"`` returns the per-token log-probs only.
     """
 
-    def __init__(self, lm: nn.Module, objective: nn.Module, chunk_size: int) -> None:
+    def __init__(self, lm: Any, objective: MIDPOObjective, chunk_size: int) -> None:
         super().__init__()
         self.lm = lm
         self.objective_call = ObjectiveCall(objective)
         self.chunk_size = chunk_size
 
     @property
-    def objective(self) -> nn.Module:
+    def objective(self) -> MIDPOObjective:
         return self.objective_call.objective
 
     def forward(
@@ -690,7 +693,7 @@ class PolicyModule(nn.Module):
         hidden = _decoder(self.lm)(
             input_ids=batch.input_ids, attention_mask=batch.attention_mask
         ).last_hidden_state
-        requires = obj.requires if mode == "loss" else frozenset()
+        requires: frozenset[str] = obj.requires if mode == "loss" else frozenset()
         want_kl = bool(requires & {"chosen_kl", "chosen_reverse_kl"})
         ref_hidden = ref.get("hidden") if (want_kl and ref is not None) else None
         stats = response_token_stats(
@@ -771,7 +774,8 @@ def parameter_groups(
 ) -> list[dict[str, Any]]:
     """Model weights (decay on matrices only) and the prior's parameters (own learning rate)."""
     prior_ids = {id(p) for p in objective.parameters()}
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for p in model.parameters():
         if not p.requires_grad or id(p) in prior_ids:
             continue
@@ -845,7 +849,7 @@ class TrainPlan:
     output_dir: Path | None  # rank 0: where the HF folder goes; None elsewhere
     world_size: int
     max_length: int
-    objective: nn.Module  # the MI-DPO objective (with its learnable prior, if any)
+    objective: MIDPOObjective  # the MI-DPO objective (with its learnable prior, if any)
     log: Callable[[int, dict[str, float]], None] | None = None  # rank 0: per-step metrics sink
     export: bool = True  # write the Hugging Face folder (and check it) at the end
     checkpoints: bool = True  # save DeepSpeed checkpoints (every N steps and at the end)
@@ -876,7 +880,7 @@ class TrainResult:
     history: list[dict[str, float]]  # this run's per-step metrics (every rank has them)
 
 
-def build_objective(train: TrainConfig) -> nn.Module:
+def build_objective(train: TrainConfig) -> MIDPOObjective:
     from pipeline.config import objective_kwargs
     from pipeline.objectives import make_objective
 
@@ -889,14 +893,14 @@ def prior_learning_rate(train: TrainConfig) -> float:
     return float(given) if given is not None else train.prior_learning_rate
 
 
-def marginal_source(objective: nn.Module) -> str | None:
+def marginal_source(objective: MIDPOObjective) -> str | None:
     """Where the objective's marginal log-probs come from: "policy", "prompt_free_model", None."""
     if not getattr(objective, "needs_marginal_logps", False):
         return None
     return str(getattr(objective, "hparams", {}).get("marginal_source", "policy"))
 
 
-def reference_hidden_layers(objective: nn.Module) -> int:
+def reference_hidden_layers(objective: MIDPOObjective) -> int:
     """Reference layers SparsePO's mask heads read (0 when none)."""
     if not getattr(objective, "needs_reference_hidden", False):
         return 0
@@ -930,7 +934,7 @@ class Trainer:
         self._hf_ds_config: Any = None
 
     # -- building the engines ------------------------------------------------------------------
-    def _load_lm(self, folder: Path, train: bool) -> nn.Module:
+    def _load_lm(self, folder: Path, train: bool) -> Any:
         from transformers import AutoModelForCausalLM
 
         lm = AutoModelForCausalLM.from_pretrained(str(folder), dtype=self.dtype)
@@ -1010,7 +1014,7 @@ class Trainer:
         return torch.optim.AdamW(groups, lr=self.train_cfg.learning_rate)
 
     def partition(self) -> dict[str, Any]:
-        out = {"policy": partition_report(self.engine.module.lm)}
+        out: dict[str, Any] = {"policy": partition_report(self.engine.module.lm)}
         if self.ref_engine is not None:
             out["reference"] = partition_report(self.ref_engine.module)
         if self.marginal_engine is not None:
@@ -1457,7 +1461,7 @@ def model_dirs(cfg: RunConfig, store: RunStore) -> tuple[Path, Path, Path]:
 
 
 def choose_reference(
-    objective: nn.Module, train: TrainConfig, data: PairData, same_as_score: bool
+    objective: MIDPOObjective, train: TrainConfig, data: PairData, same_as_score: bool
 ) -> str:
     """ "none", "precomputed" (pairs.parquet's log-probs) or "live" (a reference engine)."""
     needs_live = bool(objective.needs_reference_distribution or reference_hidden_layers(objective))
