@@ -67,41 +67,46 @@ def needs_token_weights(cfg: RunConfig) -> bool:
         return cfg.train.objective == "tisdpo"
 
 
+def _vllm(cfg: RunConfig, model_dir: Path, dtype: str) -> Any:
+    """The process's vLLM engine for a folder, with generate's parallelism and memory settings
+    (reused when generate just ran in this process with the same folder and dtype)."""
+    g = cfg.generate
+    return vllm_engine(
+        model_dir,
+        dtype=dtype,
+        seed=g.seed,
+        device=g.device,
+        tensor_parallel_size=g.tensor_parallel_size,
+        data_parallel_size=g.data_parallel_size,
+        max_model_len=g.max_model_len,
+        gpu_memory_utilization=g.gpu_memory_utilization,
+        kv_cache_gib=g.kv_cache_gib,
+        trust_remote_code=cfg.model.trust_remote_code,
+    )
+
+
 class LogprobModels:
-    """Per-token log-prob engines by model folder, built once each (vLLM or transformers)."""
+    """Per-token log-prob engines by model folder: transformers models are loaded once each;
+    vLLM keeps one engine per process, so it is asked for again on every use."""
 
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg
-        self.engines: dict[Path, LogprobEngine] = {}
+        self.models: dict[Path, LogprobEngine] = {}
 
     def __call__(self, model_dir: Path) -> LogprobEngine:
-        s, g = self.cfg.score, self.cfg.generate
-        if model_dir not in self.engines:
-            if s.reference_logps == "vllm":
-                self.engines[model_dir] = VLLMLogprobs(
-                    vllm_engine(
-                        model_dir,
-                        dtype=s.reference_dtype,
-                        seed=g.seed,
-                        device=g.device,
-                        tensor_parallel_size=g.tensor_parallel_size,
-                        data_parallel_size=g.data_parallel_size,
-                        max_model_len=g.max_model_len,
-                        gpu_memory_utilization=g.gpu_memory_utilization,
-                        kv_cache_gib=g.kv_cache_gib,
-                        trust_remote_code=self.cfg.model.trust_remote_code,
-                    )
-                )
-            else:
-                self.engines[model_dir] = TransformersLogprobs(
-                    model_dir,
-                    dtype=s.reference_dtype,
-                    device=s.device,
-                    batch_size=2 * s.batch_size,
-                    trust_remote_code=self.cfg.model.trust_remote_code,
-                    allow_pickle=self.cfg.model.allow_pickle_weights,
-                )
-        return self.engines[model_dir]
+        s = self.cfg.score
+        if s.reference_logps == "vllm":
+            return VLLMLogprobs(_vllm(self.cfg, model_dir, s.reference_dtype))
+        if model_dir not in self.models:
+            self.models[model_dir] = TransformersLogprobs(
+                model_dir,
+                dtype=s.reference_dtype,
+                device=s.device,
+                batch_size=2 * s.batch_size,
+                trust_remote_code=self.cfg.model.trust_remote_code,
+                allow_pickle=self.cfg.model.allow_pickle_weights,
+            )
+        return self.models[model_dir]
 
 
 def score_samples(
@@ -145,19 +150,7 @@ def score_samples(
         )
         rewards, errors = call_reward_function(rm, prompts, responses, sc.batch_size)
         return rewards, errors, f"reward_model({model_dir})", None
-    g = cfg.generate
-    llm = vllm_engine(
-        model_dir,
-        dtype=sc.dtype,
-        seed=g.seed,
-        device=g.device,
-        tensor_parallel_size=g.tensor_parallel_size,
-        data_parallel_size=g.data_parallel_size,
-        max_model_len=g.max_model_len,
-        gpu_memory_utilization=g.gpu_memory_utilization,
-        kv_cache_gib=g.kv_cache_gib,
-        trust_remote_code=cfg.model.trust_remote_code,
-    )
+    llm = _vllm(cfg, model_dir, sc.dtype)
     judge = JudgeScorer(llm, load_tokenizer(model_dir), sc.judge_template, sc.max_length)
     scores = judge.score_groups([r["prompt"] for r in samples], [r["responses"] for r in samples])
     rewards = np.array([v for group in scores for v in group], dtype=float)
