@@ -523,3 +523,23 @@ def test_missing_reference_model(
     ):
         run_stage(cfg, "score")
     assert not RunStore(cfg).stage_dir("score").exists()
+
+
+def test_skip_when_unchanged_rerun_when_reference_weights_change(
+    tiny_config: ConfigFactory, generated: Path, tmp_path: Path
+) -> None:
+    reference = tmp_path / "reference"
+    shutil.copytree(model_dir(scored_run(tiny_config, generated)), reference)
+    cfg = scored_run(tiny_config, generated, f"score.reference_model={reference}")
+    run_stage(cfg, "score")
+    manifest = RunStore(cfg).stage_dir("score") / "manifest.json"
+    first = json.loads(manifest.read_text())
+    run_stage(cfg, "score")
+    assert json.loads(manifest.read_text()) == first  # up to date: not rerun
+    # Same path, new weights (a re-exported model): the stage notices and scores again.
+    shutil.rmtree(reference)
+    perturbed_model(model_dir(cfg), reference)
+    run_stage(cfg, "score")
+    second = json.loads(manifest.read_text())
+    assert second["model_fingerprints"] != first["model_fingerprints"]
+    assert second["outputs"]["pairs.parquet"] != first["outputs"]["pairs.parquet"]
