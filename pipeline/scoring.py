@@ -296,8 +296,9 @@ def build_pairs(
     """Preference pairs from scored groups; ``drops`` counts every response and prompt left out.
 
     A pair is kept when its margin (in selection score) is >= min_margin and, with drop_ties,
-    > 0. Response-level drops: ``truncated``, ``invalid_reward``, ``duplicate``; prompt-level:
-    ``all_samples_equal``, ``too_few_responses``, ``tie``, ``below_margin``.
+    > 0. Drops: ``response_truncated``, ``response_invalid_reward``, ``response_duplicate``
+    (a response equal to an earlier one of its prompt), ``prompt_all_samples_equal``,
+    ``prompt_too_few_responses``, ``prompt_tie``, ``prompt_below_margin``.
     """
     if strategy not in ("best_vs_worst", "margin", "random"):
         raise ValueError(f"unknown pair strategy {strategy!r}")
