@@ -121,6 +121,45 @@ def test_one_batch_script_per_stage_and_valid_shell() -> None:
     assert "NODE_RANK=$SLURM_NODEID" in train and "scontrol show hostnames" in train
 
 
+def test_train_script_maps_the_allocation_to_one_launcher_per_node(tmp_path: Path) -> None:
+    """train.sbatch on a 2-node, 4-GPU allocation, with stand-ins for scontrol, srun and python:
+    one task per node, each with its node rank and the same master address and port."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fakes = {
+        "scontrol": 'printf "gpu-a01\\ngpu-a02\\n"',
+        # Run the command once per task, as srun does, with that task's SLURM_NODEID.
+        "srun": 'echo "srun $*" >> "$FAKE_LOG"\n'
+                'n=1; while [[ $1 == --* ]]; do [[ $1 == --ntasks=* ]] && n=${1#--ntasks=}; shift; done\n'
+                'for ((i = 0; i < n; i++)); do SLURM_NODEID=$i "$@"; done',
+        "fakepython": 'echo "rank=$NODE_RANK nnodes=$NNODES master=$MASTER_ADDR:$MASTER_PORT '
+                      'nproc=$NPROC ds=${DS_ACCELERATOR-unset} setup=${FROM_SETUP-no} '
+                      'hostfile=${HOSTFILE-unset} args=$*" >> "$FAKE_LOG"',
+    }
+    for name, body in fakes.items():
+        (bin_dir / name).write_text(f"#!/bin/bash\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    log = tmp_path / "calls.log"
+    env = {
+        "PATH": f"{bin_dir}:{os.environ['PATH']}", "FAKE_LOG": str(log),
+        "SLURM_JOB_NODELIST": "gpu-a[01-02]", "SLURM_JOB_NUM_NODES": "2", "SLURM_JOB_ID": "4242",
+        "SLURM_JOB_NAME": "midpo.x.train", "SLURM_CPUS_PER_TASK": "16", "SLURM_GPUS_ON_NODE": "4",
+        "SLURM_SUBMIT_DIR": str(tmp_path), "MIDPO_REPO": str(REPO),
+        "MIDPO_PYTHON": str(bin_dir / "fakepython"), "MIDPO_SETUP": "export FROM_SETUP=yes",
+        "DS_ACCELERATOR": "cpu", "HOSTFILE": "/etc/stale-hostfile",
+    }
+    subprocess.run(["bash", str(cluster.SCRIPTS / "train.sbatch"), "--config", "c.yaml",
+                    "train.beta=0.2"], env=env, check=True, capture_output=True)
+    calls = log.read_text().splitlines()
+    assert calls[0] == ("srun --ntasks=2 --ntasks-per-node=1 --cpus-per-task=16 "
+                        "--kill-on-bad-exit=1 bash -c export NODE_RANK=$SLURM_NODEID; "
+                        'exec "$0" -m stages.train "$@" ' + env["MIDPO_PYTHON"]
+                        + " --config c.yaml train.beta=0.2")
+    common = ("nnodes=2 master=gpu-a01:24242 nproc=4 ds=unset setup=yes hostfile=unset "
+              "args=-m stages.train --config c.yaml train.beta=0.2")
+    assert calls[1:] == [f"rank=0 {common}", f"rank=1 {common}"]
+
+
 def test_submit_without_slurm_tools_says_so(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch anywhere
     cfg = tiny(f"root={tmp_path}", "cluster.time=00:05:00")
