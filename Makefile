@@ -39,6 +39,7 @@ STAGE_FLAGS = --config $(CONFIG) $(if $(FORCE),--force) $(ARGS)
 .PHONY: setup pipeline prepare generate score train evaluate promote test check lint \
         mlflow-ui bench clean help
 .PHONY: submit cluster-status slurm-up slurm-down
+.PHONY: iterate
 
 help:
 	@echo "make pipeline   run prepare -> generate -> score -> train -> evaluate -> promote"
@@ -46,6 +47,7 @@ help:
 	@echo "make <stage>    run one stage (CONFIG=configs/demo.yaml ARGS='key=value ...' FORCE=1)"
 	@echo "make check      lint, type-check and test"
 	@echo "make submit     the chain as SLURM jobs (CONFIG=... WAIT=1; docs/cluster.md)"
+	@echo "make iterate    ROUNDS=n rounds of generate -> score -> train, each on the last policy"
 
 setup: $(STAMP)
 
@@ -67,6 +69,12 @@ pipeline: setup
 
 prepare generate score train evaluate promote: setup
 	$(BIN)/python -m stages.$@ $(STAGE_FLAGS)
+
+# Iterative (on-policy, DICE-style) rounds; train takes NPROC, NNODES, NODE_RANK, MASTER_ADDR,
+# MASTER_PORT, HOSTFILE from the environment (pipeline/distributed.py).
+ROUNDS ?= 2
+iterate: setup
+	ROUNDS=$(ROUNDS) $(BIN)/python -m stages.iterate $(STAGE_FLAGS)
 
 test: setup
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
