@@ -127,10 +127,13 @@ class DiceConfig(Section):
     # Preference dataset to replay (TRL formats); None = prepare's preference.parquet (task
     # 'preference' only: the built-in task's human pairs are held-out evaluation data).
     replay_path: str | None = None
-    # Implicit reward beta * (log pi_policy(y|x) - log pi_ref(y|x)); the policy is the model that
-    # generated (generate.model or the base), unless policy_model names another folder.
+    # Implicit reward beta * (log pi_policy(y|x) - log pi_ref(y|x)) of a DPO-trained policy:
+    # policy_model = None: the model that generated (generate.model; the base model in round 1
+    # gives all-zero rewards, so set it there); reference_model = None: prepare's base model
+    # (the reference the policy was trained against in round 1; later rounds may name theirs).
     beta: float = Field(0.1, gt=0.0)
     policy_model: str | None = None
+    reference_model: str | None = None
 
 
 class ScoreConfig(Section):

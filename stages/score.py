@@ -114,6 +114,7 @@ def score_samples(
     samples: list[dict[str, Any]],
     policy_dir: Path,
     reference_dir: Path,
+    base_dir: Path,
     logprobs: LogprobModels,
 ) -> tuple[np.ndarray, dict[int, str], str, list[list[float]] | None]:
     """Rewards of every response (flattened prompt-major), invalid rows, the scorer's name, and
@@ -123,17 +124,22 @@ def score_samples(
     prompts = [r["prompt"] for r, _ in flat]
     responses = [r["responses"][k] for r, k in flat]
     if cfg.score.dice.enabled:
+        d = cfg.score.dice
         dice_policy = (
-            _model_dir(cfg.score.dice.policy_model, "score.dice.policy_model")
-            if cfg.score.dice.policy_model
-            else policy_dir
+            _model_dir(d.policy_model, "score.dice.policy_model") if d.policy_model else policy_dir
+        )
+        dice_ref = (
+            _model_dir(d.reference_model, "score.dice.reference_model")
+            if d.reference_model
+            else base_dir
         )
         seqs = [(r["prompt_token_ids"], r["response_token_ids"][k]) for r, k in flat]
-        ref = logprobs(reference_dir)(seqs, desc="reference log-probs")
-        pol = logprobs(dice_policy)(seqs, desc="policy log-probs")
-        rewards = implicit_rewards(pol, ref, cfg.score.dice.beta)
+        ref = logprobs(dice_ref)(seqs, desc="implicit-reward reference log-probs")
+        pol = logprobs(dice_policy)(seqs, desc="implicit-reward policy log-probs")
+        rewards = implicit_rewards(pol, ref, d.beta)
         errors = {int(i): "non-finite log-prob" for i in np.flatnonzero(~np.isfinite(rewards))}
-        return rewards, errors, f"dice-implicit({dice_policy} vs {reference_dir})", ref
+        name = f"dice-implicit({dice_policy} vs {dice_ref})"
+        return rewards, errors, name, ref if dice_ref == reference_dir else None
     if sc.kind == "function":
         fn = load_reward_function(sc.function)
         rewards, errors = call_reward_function(fn, prompts, responses, sc.batch_size)
@@ -181,8 +187,9 @@ def pairs_from_samples(
 ) -> Scored:
     s = cfg.score
     samples = data.read_rows(store.stage_dir("generate") / "samples.parquet")
+    base_dir = Path(store.require("prepare")["model_dir"])
     rewards, errors, scorer_name, all_ref = score_samples(
-        cfg, samples, policy_dir, reference_dir, logprobs
+        cfg, samples, policy_dir, reference_dir, base_dir, logprobs
     )
     flat_keys = [(r["prompt_id"], k) for r in samples for k in range(len(r["responses"]))]
 
