@@ -225,6 +225,14 @@ class EvaluateConfig(Section):
     baseline: Literal["reference", "champion"] = "reference"
     bootstrap_samples: int = Field(1000, ge=10)
     confidence: float = Field(0.95, gt=0.0, lt=1.0)
+    # Held-out prompts to sample on (prepare's split; "test" is never used for model selection).
+    split: Literal["test", "eval"] = "test"
+    num_human_pairs: int | None = Field(None, ge=1, description="default: all human pairs")
+    # Training pairs whose chosen log-prob change is measured (likelihood displacement); 0: skip.
+    num_train_pairs: int = Field(64, ge=0)
+    batch_size: int = Field(8, ge=1, description="sequences per log-prob forward")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
 
 
 class GateConfig(Section):
@@ -237,6 +245,8 @@ class PromoteConfig(Section):
     registered_model: str = Field("midpo-policy", min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")
     gate: GateConfig = GateConfig()
     allow_foreign_versions: bool = False
+    # Seconds to wait for another promotion of the same registered model to finish.
+    lock_timeout_s: float = Field(600.0, gt=0.0)
 
 
 class TrackingConfig(Section):
@@ -311,14 +321,6 @@ class RunConfig(Section):
     cluster: ClusterConfig | None = None
 
     # Set by load_config, not by the YAML: where this config came from (for messages).
-    # Held-out prompts to sample on (prepare's split; "test" is never used for model selection).
-    split: Literal["test", "eval"] = "test"
-    num_human_pairs: int | None = Field(None, ge=1, description="default: all human pairs")
-    # Training pairs whose chosen log-prob change is measured (likelihood displacement); 0: skip.
-    num_train_pairs: int = Field(64, ge=0)
-    batch_size: int = Field(8, ge=1, description="sequences per log-prob forward")
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     source: str | None = Field(None, exclude=True)
 
     @field_validator("root", "cache_dir")
@@ -331,8 +333,6 @@ class RunConfig(Section):
     @property
     def run_dir(self) -> Path:
         return Path(self.root) / self.name
-    # Seconds to wait for another promotion of the same registered model to finish.
-    lock_timeout_s: float = Field(600.0, gt=0.0)
 
 
 def stage_config(cfg: RunConfig, stage: str) -> dict[str, Any]:
