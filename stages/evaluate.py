@@ -25,6 +25,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from pipeline import data, plots, registry, tracking
 from pipeline.cli import stage_main
 from pipeline.config import RunConfig, config_hash, objective_kwargs
@@ -37,11 +39,20 @@ from pipeline.generation import (
     model_fingerprint,
     prepare_prompts,
     release_vllm_engine,
+    vllm_engine,
 )
 from pipeline.models import check_model_folder, load_tokenizer
 from pipeline.reference import TransformersLogprobs
-from pipeline.runstore import RunStore, StageError
-from pipeline.scoring import ScoringError, describe_errors, text_pairs
+from pipeline.runstore import RunStore, StageError, atomic_write_json
+from pipeline.scoring import (
+    JudgeScorer,
+    RewardModelScorer,
+    ScoringError,
+    call_reward_function,
+    describe_errors,
+    load_reward_function,
+    text_pairs,
+)
 
 
 def resolve_baseline(cfg: RunConfig, reference_dir: Path) -> dict[str, Any]:
@@ -139,7 +150,7 @@ def run(cfg: RunConfig, store: RunStore, force: bool = False) -> None:
             Path(cfg.cache_dir) / "evaluate-samples",
         )
         release_vllm_engine()
-        scorer = _score(cfg, policy_rows, baseline_rows, reference_dir)
+        scorer = _score(cfg, policy_rows, baseline_rows)
 
         # -- sequence log-probs under the policy, the reference (and the champion) ------------
         human = _human_pairs(cfg, store, tokenizer)
@@ -148,13 +159,15 @@ def run(cfg: RunConfig, store: RunStore, force: bool = False) -> None:
         ]
         policy_seqs = _sample_sequences(policy_rows)
         pair_seqs = _pair_sequences(human) + _pair_sequences(train_pairs)
+        base_seqs = _sample_sequences(baseline_rows) if baseline["kind"] != "reference" else []
         on_policy = _logps(cfg, policy_dir, policy_seqs + pair_seqs, "policy log-probs")
-        on_ref = _logps(cfg, reference_dir, policy_seqs + pair_seqs, "reference log-probs")
+        on_ref = _logps(cfg, reference_dir, policy_seqs + base_seqs, "reference log-probs")
+        on_ref += _logps(cfg, reference_dir, pair_seqs, "reference log-probs (pairs)", cache=True)
         base_logps = base_ref = None
-        if baseline["kind"] != "reference":
-            seqs = _sample_sequences(baseline_rows)
-            base_logps = _logps(cfg, Path(baseline["model_dir"]), seqs, "baseline log-probs")
-            base_ref = _logps(cfg, reference_dir, seqs, "reference log-probs (baseline)")
+        if base_seqs:
+            base_logps = _logps(cfg, Path(baseline["model_dir"]), base_seqs, "baseline log-probs")
+            base_ref = on_ref[len(policy_seqs) : len(policy_seqs) + len(base_seqs)]
+            del on_ref[len(policy_seqs) : len(policy_seqs) + len(base_seqs)]
 
         n_pol, n_human = len(policy_seqs), 2 * len(human)
         beta = _implicit_beta(cfg)
@@ -326,24 +339,55 @@ def _sample(
 
 
 def _score(
-    cfg: RunConfig,
-    policy_rows: list[dict[str, Any]],
-    baseline_rows: list[dict[str, Any]],
-    reference_dir: Path,
+    cfg: RunConfig, policy_rows: list[dict[str, Any]], baseline_rows: list[dict[str, Any]]
 ) -> str:
-    """Reward every response with the run's scorer; policy and baseline responses of a prompt
-    are scored together (a pairwise judge compares them with each other)."""
-    from stages.score import LogprobModels, score_samples
-
-    plain = cfg.model_copy(deep=True)
-    plain.score.dice.enabled = False  # DICE's implicit reward is a training signal, not a metric
+    """Reward every response with the run's scorer (``score.scorer``); policy and baseline
+    responses of a prompt are scored together, so a pairwise judge compares them with each
+    other. DICE's implicit reward is a training signal, not a metric: it is not used here."""
+    sc = cfg.score.scorer
     joint = [
         {**p, "responses": p["responses"] + b["responses"]}
         for p, b in zip(policy_rows, baseline_rows, strict=True)
     ]
-    rewards, errors, name, _ = score_samples(
-        plain, joint, reference_dir, reference_dir, LogprobModels(plain)
-    )
+    prompts = [r["prompt"] for r in joint for _ in r["responses"]]
+    responses = [t for r in joint for t in r["responses"]]
+    errors: dict[int, str] = {}
+    if sc.kind == "function":
+        name = sc.function
+        rewards, errors = call_reward_function(
+            load_reward_function(sc.function), prompts, responses, sc.batch_size, desc="reward"
+        )
+    elif sc.kind == "reward_model":
+        assert sc.model is not None  # validated by ScorerConfig
+        name = f"reward_model({sc.model})"
+        rm = RewardModelScorer(
+            Path(sc.model),
+            dtype=sc.dtype,
+            device=cfg.score.device,
+            max_length=sc.max_length,
+            trust_remote_code=cfg.model.trust_remote_code,
+        )
+        rewards, errors = call_reward_function(rm, prompts, responses, sc.batch_size)
+    else:
+        assert sc.model is not None
+        name = f"judge({sc.model})"
+        g = cfg.generate
+        llm = vllm_engine(
+            Path(sc.model),
+            dtype=sc.dtype,
+            seed=g.seed,
+            device=g.device,
+            tensor_parallel_size=g.tensor_parallel_size,
+            data_parallel_size=g.data_parallel_size,
+            max_model_len=g.max_model_len,
+            gpu_memory_utilization=g.gpu_memory_utilization,
+            kv_cache_gib=g.kv_cache_gib,
+            trust_remote_code=cfg.model.trust_remote_code,
+        )
+        judge = JudgeScorer(llm, load_tokenizer(sc.model), sc.judge_template, sc.max_length)
+        scores = judge.score_groups([r["prompt"] for r in joint], [r["responses"] for r in joint])
+        rewards = np.array([v for group in scores for v in group], dtype=float)
+        release_vllm_engine()
     if errors:
         keys = [(r["prompt_id"], k) for r in joint for k in range(len(r["responses"]))]
         raise ScoringError(
@@ -383,12 +427,27 @@ def _pair_sequences(pairs: list[dict[str, Any]]) -> list[tuple[list[int], list[i
 
 
 def _logps(
-    cfg: RunConfig, model_dir: Path, seqs: list[tuple[list[int], list[int]]], desc: str
+    cfg: RunConfig,
+    model_dir: Path,
+    seqs: list[tuple[list[int], list[int]]],
+    desc: str,
+    cache: bool = False,
 ) -> list[float]:
-    """Sequence log-prob (sum over response tokens) of each sequence under one model."""
+    """Sequence log-prob (sum over response tokens) of each sequence under one model.
+
+    ``cache``: keep the result in ``cache_dir/evaluate-logps`` by model (path and contents),
+    dtype and sequences; for the reference on the fixed pair sets, which every evaluation
+    against that reference (each frontier point) would otherwise recompute.
+    """
     if not seqs:
         return []
     ev = cfg.evaluate
+    path = None
+    if cache:
+        key = config_hash([str(model_dir), model_fingerprint(model_dir), ev.dtype, seqs])
+        path = Path(cfg.cache_dir) / "evaluate-logps" / f"{key}.json"
+        if path.is_file():
+            return [float(x) for x in json.loads(path.read_text())]
     engine = TransformersLogprobs(
         model_dir,
         dtype=ev.dtype,
@@ -401,6 +460,8 @@ def _logps(
     out = [math.fsum(t) for t in engine(seqs, desc=desc)]
     del engine
     gc.collect()
+    if path is not None:
+        atomic_write_json(path, out)
     return out
 
 

@@ -247,6 +247,7 @@ def test_champion_baseline_and_skip(
     """Against the champion it just promoted (the same model), the policy ties exactly."""
     run_stage(tiny_run, "evaluate")  # up to date
     assert "up to date" in capsys.readouterr().err
+    first = _report(tiny_run)
     cfg = tiny_run.model_copy(deep=True)
     cfg.evaluate.baseline = "champion"
     run_stage(cfg, "evaluate")
@@ -255,6 +256,9 @@ def test_champion_baseline_and_skip(
     m = report["metrics"]
     assert m["win_rate"] == 0.5 and m["reward_gain"] == 0.0
     assert m["baseline_kl"] == pytest.approx(m["kl"], abs=1e-4)
+    # The reference's pair log-probs came from the cache this time: the same numbers.
+    assert report["human_pairs"] == first["human_pairs"]
+    assert report["train_pairs"] == first["train_pairs"]
 
 
 def test_missing_upstream_is_named(tiny_config: Any) -> None:
