@@ -791,6 +791,37 @@ def parameter_groups(
     return [g for g in groups if g["params"]]
 
 
+def restore_float32_buffers(model: nn.Module) -> int:
+    """Give computed buffers (rotary inv_freq) back their float32 values; returns how many.
+
+    ZeRO-3's partitioned construction (zero.Init) creates every floating tensor in the training
+    dtype, so under bf16 the rotary frequencies are rounded (0.5625 for 0.5623): the engine would
+    train with other position encodings than the exported model runs with. Such buffers are not
+    in the checkpoint; a fresh copy of their module, built outside zero.Init, has them right.
+    """
+    fixed = 0
+    for module in model.modules():
+        names = [
+            name
+            for name in getattr(module, "_non_persistent_buffers_set", ())
+            if (buf := module._buffers.get(name)) is not None
+            and buf.is_floating_point()
+            and buf.dtype != torch.float32
+        ]
+        if not names or not hasattr(module, "config"):
+            continue
+        try:
+            fresh = type(module)(module.config)
+        except Exception:  # not rebuildable from its config: leave it
+            continue
+        for name in names:
+            value = fresh._buffers.get(name)
+            if value is not None and value.dtype == torch.float32:
+                module._buffers[name] = value.to(module._buffers[name].device)  # type: ignore[union-attr]
+                fixed += 1
+    return fixed
+
+
 def partition_report(module: nn.Module) -> dict[str, Any]:
     """How much of each parameter this rank holds (ZeRO-3: about 1/world of each)."""
     fractions: list[float] = []
@@ -938,6 +969,7 @@ class Trainer:
         from transformers import AutoModelForCausalLM
 
         lm = AutoModelForCausalLM.from_pretrained(str(folder), dtype=self.dtype)
+        restore_float32_buffers(lm)
         lm.config.use_cache = False
         if train and self.train_cfg.gradient_checkpointing:
             lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -1011,7 +1043,10 @@ class Trainer:
             from deepspeed.ops.adam import DeepSpeedCPUAdam
 
             return DeepSpeedCPUAdam(groups, lr=self.train_cfg.learning_rate, adamw_mode=True)
-        return torch.optim.AdamW(groups, lr=self.train_cfg.learning_rate)
+        # Fused AdamW: ZeRO hands the optimizer one flat tensor per group, and the default
+        # "foreach" kernels allocate several temporaries of that size at every step (+1.5 GB
+        # peak for a 135M model); the fused kernel updates in place.
+        return torch.optim.AdamW(groups, lr=self.train_cfg.learning_rate, fused=True)
 
     def partition(self) -> dict[str, Any]:
         out: dict[str, Any] = {"policy": partition_report(self.engine.module.lm)}
@@ -1098,8 +1133,10 @@ class Trainer:
             sums, tokens = self._policy_step(step, micro, global_batch)
             if self.marginal_engine is not None and (step + 1) % t.marginal_prior_every == 0:
                 sums["marginal/nll"] = self._marginal_step(micro, global_batch)
-            step_time = time.time() - t0
-            metrics = self._finish_metrics(sums, tokens, len(global_batch), step_time, epoch, lrs)
+            metrics = self._finish_metrics(sums, tokens, len(global_batch), epoch, lrs)
+            step_time = time.time() - t0  # the whole step: forward, backward, update, metrics
+            metrics["step_time_s"] = step_time
+            metrics["tokens_per_s"] = metrics["tokens"] / step_time if step_time > 0 else 0.0
             tokens_total += int(metrics["tokens"])
             last_loss = metrics["loss"]
             history.append({"step": step + 1, **metrics})
@@ -1195,7 +1232,6 @@ class Trainer:
         sums: dict[str, float],
         tokens: int,
         n_global: int,
-        step_time: float,
         epoch: int,
         lrs: list[float],
     ) -> dict[str, float]:
@@ -1218,8 +1254,6 @@ class Trainer:
             if name != "model_no_decay":
                 metrics["lr" if name == "model" else f"lr/{name}"] = float(lr)
         metrics["tokens"] = totals[-1]
-        metrics["tokens_per_s"] = totals[-1] / step_time if step_time > 0 else 0.0
-        metrics["step_time_s"] = step_time
         metrics["epoch"] = float(epoch)
         metrics["pairs"] = float(n_global)
         return metrics
@@ -1367,7 +1401,8 @@ def export_check(
     reloaded = (stats.logps * batch.response_mask).sum(dim=1).double()
     diff = float((reloaded - engine_logps).abs().max())
     scale = float(engine_logps.abs().max()) + 1.0
-    tolerance = (1e-2 if dtype == torch.bfloat16 else 1e-4) * scale
+    # Same weights, same inputs: only kernel and threading differences remain.
+    tolerance = (1e-3 if dtype == torch.bfloat16 else 1e-4) * scale
     result = {
         "pair_ids": ids,
         "engine_logps": engine_logps.tolist(),

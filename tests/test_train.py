@@ -526,6 +526,8 @@ def test_precisions_and_zero_configs(sweep: dict[str, Any]) -> None:
     for name in ("dpo_zero2", "dpo_zero3_offload", "dpo_gradient_checkpointing"):  # same maths
         for a, b in zip(sweep["variants"][name]["history"], fp32, strict=True):
             assert a["loss"] == pytest.approx(b["loss"], abs=1e-5), name
+    # bf16 export reproduces the engine (its rotary frequencies are float32 in both)
+    assert sweep["variants"]["dpo_bf16"]["export_check"]["max_abs_diff"] < 1e-3
     bf16 = sweep["variants"]["dpo_bf16"]["history"]
     assert bf16[-1]["loss"] == pytest.approx(fp32[-1]["loss"], abs=0.02)
 
@@ -591,8 +593,11 @@ def _sweep_worker(root: str, cache: str, name: str, out: str) -> None:
         shutil.rmtree(store.scratch_dir("train"), ignore_errors=True)
     distributed.barrier()
 
-    def train(**changes: Any) -> dict[str, Any]:
+    def train(export: bool = False, **changes: Any) -> dict[str, Any]:
         plan = _worker_plan(cfg, store, world, **{"max_steps": 3, **changes})
+        if export:  # the Hugging Face folder, reloaded and compared with the engine
+            plan.export = True
+            plan.output_dir = store.scratch_dir("train") / "export" if ranks.is_main else None
         trainer = training.Trainer(plan, ranks)
         started = time.time()
         try:
@@ -604,6 +609,7 @@ def _sweep_worker(root: str, cache: str, name: str, out: str) -> None:
         return {
             "history": result.history,
             "reference": plan.reference_mode,
+            "export_check": result.export_check,
             "seconds": [built - started, time.time() - built],
         }
 
@@ -615,7 +621,7 @@ def _sweep_worker(root: str, cache: str, name: str, out: str) -> None:
         )
     variants = {
         "dpo_live": {"reference": "live"},
-        "dpo_bf16": {"precision": "bf16"},
+        "dpo_bf16": {"precision": "bf16", "export": True},
         "dpo_gradient_checkpointing": {"gradient_checkpointing": True},
         "dpo_zero2": {"ds_config": "ds_configs/zero2.json"},
         "dpo_zero3_offload": {"ds_config": "ds_configs/zero3_offload.json"},
