@@ -262,6 +262,7 @@ def test_two_concurrent_promotions(tiny_config: ConfigFactory, policies: list[Pa
     all_versions = versions(better)
     assert len(all_versions) == 2
     champion = alias_version(better, "champion")
+    assert champion is not None
     by_version = {str(v.version): v.tags for v in all_versions}
     assert float(by_version[champion]["midpo.metric.reward_mean"]) == 0.8
 
