@@ -191,12 +191,17 @@ def _sampling_processor(generators: list[Any] | None, temperature: float, top_p:
                     probs = torch.zeros_like(probs).scatter(
                         -1, order, sorted_p.masked_fill(drop, 0.0)
                     )
-                picked = torch.stack(
+                # Inverse-CDF draw, one uniform per row from the row's own generator
+                # (a torch.multinomial call per row was the slowest part of a decode step).
+                cdf = probs.double().cumsum(dim=-1)
+                u = torch.stack(
                     [
-                        torch.multinomial(probs[i], 1, generator=g)[0]
-                        for i, g in enumerate(generators)
+                        torch.rand((), generator=g, dtype=torch.float64, device=scores.device)
+                        for g in generators
                     ]
                 )
+                picked = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(-1), right=True)
+                picked = picked.squeeze(-1).clamp(max=scores.shape[-1] - 1)
             rows = torch.arange(scores.shape[0], device=scores.device)
             self.logps.append(torch.log_softmax(scores, dim=-1)[rows, picked].cpu())
             out = torch.full_like(scores, float("-inf"))

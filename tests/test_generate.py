@@ -157,6 +157,32 @@ def test_seeds_do_not_depend_on_batching(
     assert len({tuple(c.token_ids) for c in together[1]}) > 1  # the n samples differ
 
 
+def test_row_sampling_follows_temperature_and_top_p() -> None:
+    """The transformers backend's per-row sampler draws from softmax(logits / T), restricted to
+    the smallest top-p set: frequencies over 4000 seeded rows match the distribution."""
+    probs = torch.tensor([0.1, 0.2, 0.3, 0.4])
+    rows = 4000
+    scores = probs.log().repeat(rows, 1)
+
+    def frequencies(temperature: float, top_p: float) -> torch.Tensor:
+        gens = [torch.Generator().manual_seed(i) for i in range(rows)]
+        proc = generation._sampling_processor(gens, temperature, top_p)
+        out = proc(torch.zeros((rows, 1), dtype=torch.long), scores.clone())
+        picked = out.argmax(-1)
+        assert torch.allclose(proc.logps[0], probs.log()[picked])  # raw log-probs of the picks
+        return torch.bincount(picked, minlength=4) / rows
+
+    assert torch.allclose(frequencies(1.0, 1.0), probs, atol=0.03)
+    # top_p 0.5 keeps 0.4 and 0.3 (0.4 alone is short of 0.5), renormalised.
+    assert torch.allclose(frequencies(1.0, 0.5), torch.tensor([0, 0, 3 / 7, 4 / 7]), atol=0.03)
+    tempered = torch.softmax(probs.log() / 0.5, -1)
+    assert torch.allclose(frequencies(0.5, 1.0), tempered, atol=0.03)
+    greedy = generation._sampling_processor(None, 0.0, 1.0)
+    assert greedy(torch.zeros((2, 1), dtype=torch.long), scores[:2].clone()).argmax(
+        -1
+    ).tolist() == [3, 3]
+
+
 def test_resume_reuses_finished_chunks(
     tiny_config: ConfigFactory, tiny_prepared: RunConfig, monkeypatch: pytest.MonkeyPatch
 ) -> None:
