@@ -81,7 +81,9 @@ def time_transformers(model_dir: Path, prompts: list[list[int]], args: argparse.
     sampler.sample(prompts[:2], seeds[:2], settings)  # warm-up
     t0 = time.perf_counter()
     tokens = 0
-    for b in range(0, len(prompts), args.batch_size):
+    from tqdm import tqdm
+
+    for b in tqdm(range(0, len(prompts), args.batch_size), desc="transformers", unit="batch"):
         out = sampler.sample(
             prompts[b : b + args.batch_size], seeds[b : b + args.batch_size], settings
         )
