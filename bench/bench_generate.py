@@ -150,8 +150,11 @@ def main() -> None:
         flush=True,
     )
 
-    llm, v_start, v_sec, samples = time_vllm(model_dir, prompts, args)
+    from pipeline.generation import release_vllm_engine, vllm_engine
+
+    _, v_start, v_sec, samples = time_vllm(model_dir, prompts, args)
     v_tokens = sum(len(s) for group in samples for s in group)
+    release_vllm_engine()  # one model in memory at a time
     h_start, h_sec, h_tokens = time_transformers(model_dir, prompts, args)
     assert v_tokens == h_tokens == expected, (v_tokens, h_tokens, expected)
     v_rate, h_rate = v_tokens / v_sec, h_tokens / h_sec
@@ -164,10 +167,7 @@ def main() -> None:
         seqs, desc="precompute (transformers)"
     )
     pre_hf = time.perf_counter() - t0
-    if args.ref_dtype != args.dtype:  # the reference runs in its own dtype: a second engine
-        from pipeline.generation import vllm_engine
-
-        llm = vllm_engine(model_dir, dtype=args.ref_dtype, seed=0, kv_cache_gib=args.kv_cache_gib)
+    llm = vllm_engine(model_dir, dtype=args.ref_dtype, seed=0, kv_cache_gib=args.kv_cache_gib)
     VLLMLogprobs(llm)(seqs[:2])  # warm-up
     t0 = time.perf_counter()
     VLLMLogprobs(llm)(seqs)
