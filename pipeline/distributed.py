@@ -299,11 +299,20 @@ def init_process_group(timeout_minutes: float = 60.0) -> Ranks:
     The timeout covers the longest rank-0-only work between collectives (export, MLflow).
     On CPU, each rank gets its share of the node's cores unless OMP_NUM_THREADS says otherwise.
     """
+    import logging
+    import warnings
+
     import deepspeed
     import torch
     from deepspeed.accelerator import get_accelerator
 
     ranks = ranks_from_env()
+    # DeepSpeed's per-rank INFO lines (config dumps, timers) and torch's deprecation notices
+    # for collectives DeepSpeed calls would drown the one progress bar rank 0 shows.
+    logging.getLogger("DeepSpeed").setLevel(
+        os.environ.get("MIDPO_DEEPSPEED_LOG_LEVEL", "WARNING").upper()
+    )
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
     accelerator = get_accelerator()
     if accelerator.device_name() == "cpu":
         if not os.environ.get("OMP_NUM_THREADS"):

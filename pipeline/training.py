@@ -1154,6 +1154,9 @@ class Trainer:
             if plan.checkpoints and ((step + 1) % t.checkpoint_every == 0 or step + 1 == total):
                 self.save_checkpoint(step + 1)
         bar.close()
+        if not history and main and metrics_path.is_file():  # resumed after the last step
+            lines = metrics_path.read_text().splitlines()
+            last_loss = json.loads(lines[-1])["loss"] if lines else last_loss
         seconds = time.time() - started
         export_check = self.export() if plan.export else {}
         return TrainResult(
@@ -1275,15 +1278,27 @@ class Trainer:
         )
 
     # -- checkpoints ---------------------------------------------------------------------------
+    def data_position(self, step: int) -> dict[str, int]:
+        """Where optimizer step ``step`` leaves the data: epoch, batch in it, pairs consumed."""
+        plan = self.plan
+        epoch, index = divmod(step, plan.steps_per_epoch)
+        order = epoch_batches(
+            self.lengths,
+            plan.global_batch,
+            self.train_cfg.seed,
+            epoch,
+            self.train_cfg.bucket_window,
+        )
+        pairs = epoch * len(plan.data) + sum(len(b) for b in order[:index])
+        return {"epoch": epoch, "batch_in_epoch": index, "pairs_seen": pairs}
+
     def save_checkpoint(self, step: int) -> None:
         """Engine (model, optimizer, scheduler) + data position + RNG; then mark it complete."""
         root, tag = self.plan.checkpoint_dir, f"step{step}"
         state = {
             "step": step,
             "data_signature": self.plan.data.signature(),
-            "samples_seen": min(
-                step * self.plan.global_batch, self.plan.steps_per_epoch * self.plan.global_batch
-            ),
+            "data_position": self.data_position(step),
         }
         self.engine.save_checkpoint(str(root), tag=tag, client_state=state, save_latest=False)
         if self.marginal_engine is not None:
@@ -1323,6 +1338,11 @@ class Trainer:
         if rng_file.is_file():
             _set_rng_state(torch.load(rng_file, weights_only=False))
         step = int(state["step"])
+        if state.get("data_position") != self.data_position(step):
+            raise TrainingError(
+                f"checkpoint {path}: its data position does not match this run's "
+                "order (batch sizes or seed changed?); rerun with --force"
+            )
         if self.ranks.is_main:
             print(
                 f"[train] resuming from {self.plan.checkpoint_dir / tag} (step {step})",

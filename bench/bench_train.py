@@ -1,0 +1,493 @@
+"""Train-stage benchmark: our DPO step vs TRL's DPOTrainer, side by side, ratios printed.
+
+    .venv/bin/python bench/bench_train.py [--batch 4] [--prompt 48] [--response 48] [--quick]
+
+Same model (SmolLM2-135M-Instruct), same pairs (identical token ids), same global batch, same
+precision, same CPU threads in total. Each configuration runs in fresh processes;
+speed comes from the steps after a warm-up step, memory from each process's peak RSS (per rank
+and summed over ranks). Measured:
+
+- ours (ZeRO-3, chunked log-probs, length bucketing) with precomputed vs live reference,
+  bf16 vs fp32, 2 processes vs 1;
+- TRL's DPOTrainer (live reference, its default; installed at bench time into a bench-only
+  folder with ``pip install --no-deps --target``, never a project dependency);
+- model FLOPs utilisation against this machine's measured matmul peak (bf16 and fp32).
+
+Model FLOPs per token: 6 x params for the policy (forward + backward) + 2 x params for a live
+reference forward; recomputation from gradient checkpointing is not counted (MFU convention).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+TRL_VERSION = "1.16.0"
+WORDS = (
+    "the film was a quiet and patient study of grief with moments of real warmth but the "
+    "pacing drags in the middle act and the score is loud while the cast does honest work "
+    "that the script rarely earns"
+).split()
+
+
+# -- data --------------------------------------------------------------------------------------
+
+
+def make_texts(tok: Any, n: int, prompt: int, response: int, seed: int = 0) -> list[dict[str, str]]:
+    """Text pairs whose prompts and responses are exactly ``prompt`` / ``response`` tokens.
+
+    Built from words that are one token each, so every pair has the same length: tokens per
+    step are then the same for both trainers whatever order they draw pairs in (this also
+    leaves our length bucketing nothing to gain: a conservative comparison).
+    """
+    words = [w for w in WORDS if len(tok(" " + w, add_special_tokens=False)["input_ids"]) == 1]
+    rng = random.Random(seed)
+
+    def text(k: int) -> str:
+        return "".join(" " + rng.choice(words) for _ in range(k))
+
+    return [
+        {
+            "prompt": "Review:" + text(prompt - 2),
+            "chosen": text(response - 1),
+            "rejected": text(response - 1),
+        }
+        for _ in range(n)
+    ]
+
+
+def tokenize_like_trl(tok: Any, rows: list[dict[str, str]]) -> list[dict[str, list[int]]]:
+    """Token ids as TRL builds them: prompt, then prompt+completion+EOS split at the common prefix."""
+    out = []
+    for r in rows:
+        prompt = tok(r["prompt"])["input_ids"]
+        ids = {}
+        for side in ("chosen", "rejected"):
+            full = tok(r["prompt"] + r[side] + tok.eos_token)["input_ids"]
+            assert full[: len(prompt)] == prompt, "prompt is not a token prefix"
+            ids[side] = full[len(prompt) :]
+        out.append({"prompt": prompt, **ids})
+    return out
+
+
+def reference_logps(
+    model_dir: Path, pairs: list[dict[str, list[int]]]
+) -> list[tuple[list[float], list[float]]]:
+    """fp32 reference log-probs per response token (what the score stage precomputes)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    lm = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    out = []
+    with torch.no_grad():
+        for p in pairs:
+            sides = []
+            for side in ("chosen", "rejected"):
+                ids = torch.tensor([p["prompt"] + p[side]])
+                logps = torch.log_softmax(lm(ids).logits[0, :-1].float(), -1)
+                n = len(p["prompt"])
+                sides.append(logps[n - 1 :].gather(-1, ids[0, n:, None])[:, 0].tolist())
+            out.append((sides[0], sides[1]))
+    return out
+
+
+def count_parameters(model_dir: Path) -> int:
+    """Distinct parameters (tied embeddings once), from the config on the meta device."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(model_dir)))
+    return sum(p.numel() for p in model.parameters())
+
+
+# -- matmul peak -------------------------------------------------------------------------------
+
+
+def matmul_peak(threads: int, n: int = 2048, repeats: int = 5) -> dict[str, float]:
+    """Best GFLOP/s of an n^3 matmul in bf16 and fp32 with ``threads`` threads."""
+    import torch
+
+    torch.set_num_threads(threads)
+    out = {}
+    for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        a @ b
+        best = 0.0
+        for _ in range(repeats):
+            t = time.perf_counter()
+            a @ b
+            best = max(best, 2 * n**3 / (time.perf_counter() - t) / 1e9)
+        out[name] = best
+    return out
+
+
+# -- workers -----------------------------------------------------------------------------------
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def ours_worker(spec: dict[str, Any]) -> None:
+    """One rank of our trainer on the bench pairs; rank 0 writes the measurements."""
+    import torch
+
+    from pipeline import distributed, training
+    from pipeline.config import TrainConfig
+    from pipeline.objectives import make_objective
+
+    ranks = distributed.init_process_group(10)
+    pairs = spec["pairs"]
+    world = ranks.world_size
+    tc = TrainConfig(
+        objective="dpo",
+        beta=0.1,
+        learning_rate=1e-6,
+        warmup_ratio=0.0,
+        max_steps=spec["warmup"] + spec["steps"],
+        per_device_batch_size=spec["batch"] // world,
+        precision=spec["precision"],
+        ds_config="ds_configs/zero3.json",
+        gradient_checkpointing=True,
+        token_chunk_size=1024,
+        reference=spec["reference"],
+        seed=0,
+    )
+    data = training.PairData(
+        pair_ids=[f"p{i}" for i in range(len(pairs))],
+        prompts=[p["prompt"] for p in pairs],
+        chosen=[p["chosen"] for p in pairs],
+        rejected=[p["rejected"] for p in pairs],
+        ref_chosen=[r[0] for r in spec["ref"]],
+        ref_rejected=[r[1] for r in spec["ref"]],
+    )
+    model_dir = Path(spec["model_dir"])
+    objective = make_objective("dpo", beta=0.1)
+    plan = training.TrainPlan(
+        train=tc,
+        data=data,
+        policy_dir=model_dir,
+        reference_dir=model_dir,
+        reference_mode=training.choose_reference(objective, tc, data, True),
+        ds_config=training.deepspeed_config(tc.ds_config, tc, world, hidden_size=576),
+        checkpoint_dir=Path(spec["scratch"]) / f"ckpt-{os.getpid()}",
+        output_dir=None,
+        world_size=world,
+        max_length=4096,
+        objective=objective,
+        export=False,
+        checkpoints=False,
+    )
+    trainer = training.Trainer(plan, ranks)
+    trainer.build()
+    result = trainer.fit()
+    warm = result.history[spec["warmup"] :]
+    rss = distributed.gather_objects(peak_rss_mb())
+    if ranks.is_main:
+        Path(spec["out"]).write_text(
+            json.dumps(
+                {
+                    "tokens": sum(h["tokens"] for h in warm),
+                    "seconds": sum(h["step_time_s"] for h in warm),
+                    "peak_rss_mb": sum(rss),
+                    "rss_per_rank_mb": rss,
+                    "losses": [h["loss"] for h in result.history],
+                    "threads": torch.get_num_threads(),
+                }
+            )
+        )
+    trainer.close()
+    distributed.teardown()
+
+
+def trl_worker(spec: dict[str, Any]) -> None:
+    """TRL's DPOTrainer on the same texts (it tokenizes them to the same ids)."""
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    torch.set_num_threads(spec["threads"])
+    model_dir = spec["model_dir"]
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    times: list[tuple[float, float]] = []
+
+    class Clock(TrainerCallback):  # type: ignore[misc]
+        def on_step_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            self.t = time.perf_counter()
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            times.append((self.t, time.perf_counter()))
+
+    with tempfile.TemporaryDirectory() as out:
+        args = DPOConfig(
+            output_dir=out,
+            per_device_train_batch_size=spec["batch"],
+            gradient_accumulation_steps=1,
+            max_steps=spec["warmup"] + spec["steps"],
+            learning_rate=1e-6,
+            beta=0.1,
+            bf16=spec["precision"] == "bf16",
+            use_cpu=True,
+            report_to=[],
+            save_strategy="no",
+            logging_steps=1,
+            gradient_checkpointing=True,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+            max_length=4096,
+            dataloader_num_workers=0,
+            seed=0,
+            lr_scheduler_type="constant",
+            warmup_steps=0,
+            disable_tqdm=True,
+        )
+        trainer = DPOTrainer(
+            model=model,
+            args=args,
+            processing_class=tok,
+            train_dataset=Dataset.from_list(spec["texts"]),
+            callbacks=[Clock()],
+        )
+        trainer.train()
+    warm = times[spec["warmup"] :]
+    Path(spec["out"]).write_text(
+        json.dumps(
+            {
+                "tokens": len(warm) * spec["batch"] * spec["tokens_per_pair"],
+                "seconds": sum(b - a for a, b in warm),
+                "peak_rss_mb": peak_rss_mb(),
+                "threads": torch.get_num_threads(),
+            }
+        )
+    )
+
+
+# -- driver ------------------------------------------------------------------------------------
+
+
+def ensure_trl(site: Path) -> Path:
+    if not (site / "trl" / "__init__.py").is_file():
+        print(f"[bench] installing trl=={TRL_VERSION} into {site} (bench only)", flush=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--no-deps",
+                "--target",
+                str(site),
+                f"trl=={TRL_VERSION}",
+            ],
+            check=True,
+        )
+    return site
+
+
+def run_worker(kind: str, spec: dict[str, Any], nproc: int, extra_path: str = "") -> dict[str, Any]:
+    out = Path(spec["scratch"]) / f"{kind}-{spec['name']}.json"
+    spec = {**spec, "out": str(out)}
+    spec_file = out.with_suffix(".spec.json")
+    spec_file.write_text(json.dumps(spec))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), extra_path) if p)}
+    env.setdefault("DS_ACCELERATOR", "cpu")
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
+    if kind == "ours":
+        from pipeline.distributed import free_port
+
+        cmd = [
+            str(Path(sys.executable).with_name("torchrun")),
+            f"--nproc_per_node={nproc}",
+            f"--master_port={free_port()}",
+            __file__,
+            "--worker",
+            "ours",
+            str(spec_file),
+        ]
+    else:
+        cmd = [sys.executable, __file__, "--worker", "trl", str(spec_file)]
+    t = time.time()
+    done = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(
+            f"[bench] {kind} {spec['name']} failed:\n{(done.stdout + done.stderr)[-4000:]}"
+        )
+    result = dict(json.loads(out.read_text()))
+    result["wall_s"] = time.time() - t
+    return result
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--batch", type=int, default=4, help="global batch (pairs per step)")
+    ap.add_argument("--prompt", type=int, default=48, help="prompt tokens")
+    ap.add_argument("--response", type=int, default=48, help="tokens per response (with EOS)")
+    ap.add_argument("--warmup", type=int, default=1, help="steps not measured")
+    ap.add_argument("--steps", type=int, default=3, help="steps measured")
+    ap.add_argument("--quick", action="store_true", help="bf16 runs only")
+    ap.add_argument("--repeats", type=int, default=1, help="runs per configuration (best kept)")
+    ap.add_argument("--worker", nargs=2, metavar=("KIND", "SPEC"), help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.worker:
+        spec = json.loads(Path(a.worker[1]).read_text())
+        (ours_worker if a.worker[0] == "ours" else trl_worker)(spec)
+        return
+
+    from pipeline.models import SMOLLM2, convert_smollm2, load_tokenizer
+
+    cache = Path(os.environ.get("MIDPO_CACHE", REPO / "runs" / "_cache"))
+    model_dir = convert_smollm2(cache / "models" / SMOLLM2)
+    site = ensure_trl(cache / "bench-site")
+    tok = load_tokenizer(model_dir)
+    texts = make_texts(tok, a.batch * (a.warmup + a.steps), a.prompt, a.response)
+    pairs = tokenize_like_trl(tok, texts)
+    sizes = {2 * len(p["prompt"]) + len(p["chosen"]) + len(p["rejected"]) for p in pairs}
+    assert len(sizes) == 1, f"pairs differ in length: {sorted(sizes)}"
+    tokens_per_pair = sizes.pop()
+    print(
+        f"[bench] SmolLM2-135M, {tokens_per_pair} tokens per pair (prompt twice, both "
+        f"responses), global batch {a.batch}, {a.warmup} warm-up + {a.steps} measured steps",
+        flush=True,
+    )
+    ref = reference_logps(model_dir, pairs)
+    threads = min(2, len(os.sched_getaffinity(0)))
+    peak = matmul_peak(threads)
+    print(
+        f"[bench] matmul peak with {threads} threads: bf16 {peak['bf16']:.0f} GFLOP/s, "
+        f"fp32 {peak['fp32']:.0f} GFLOP/s",
+        flush=True,
+    )
+    params = count_parameters(model_dir)
+    with tempfile.TemporaryDirectory() as scratch:
+        base = {
+            "model_dir": str(model_dir),
+            "pairs": pairs,
+            "ref": ref,
+            "batch": a.batch,
+            "warmup": a.warmup,
+            "steps": a.steps,
+            "scratch": scratch,
+            "texts": texts,
+            "tokens_per_pair": tokens_per_pair,
+            "threads": threads,
+        }
+        configs = [
+            (
+                "ours",
+                "bf16 precomputed ref, 2 procs",
+                {"precision": "bf16", "reference": "auto"},
+                2,
+            ),
+            ("ours", "bf16 live ref, 2 procs", {"precision": "bf16", "reference": "live"}, 2),
+            ("ours", "bf16 precomputed ref, 1 proc", {"precision": "bf16", "reference": "auto"}, 1),
+            ("ours", "bf16 live ref, 1 proc", {"precision": "bf16", "reference": "live"}, 1),
+            ("trl", "TRL DPOTrainer bf16 (live ref)", {"precision": "bf16"}, 1),
+        ]
+        if not a.quick:
+            configs += [
+                (
+                    "ours",
+                    "fp32 precomputed ref, 2 procs",
+                    {"precision": "fp32", "reference": "auto"},
+                    2,
+                ),
+                ("ours", "fp32 live ref, 1 proc", {"precision": "fp32", "reference": "live"}, 1),
+                ("trl", "TRL DPOTrainer fp32 (live ref)", {"precision": "fp32"}, 1),
+            ]
+        # Round-robin repeats, best of each: on a shared machine a slow run says more about
+        # the neighbours than about the trainer. MFU is against the peak measured just before.
+        results: dict[str, dict[str, Any]] = {}
+        for _ in range(a.repeats):
+            for kind, name, changes, nproc in configs:
+                spec = {**base, **changes, "name": name.replace(" ", "_").replace(",", "")}
+                run_peak = matmul_peak(threads)
+                r = run_worker(kind, spec, nproc, str(site) if kind == "trl" else "")
+                r["tokens_per_s"] = r["tokens"] / r["seconds"]
+                r["rank_rss_mb"] = max(r.get("rss_per_rank_mb", [r["peak_rss_mb"]]))
+                live = kind == "trl" or changes.get("reference") == "live"
+                flops = (6 + (2 if live else 0)) * params * r["tokens_per_s"] / 1e9
+                r["peak_gflops"] = max(run_peak[changes["precision"]], peak[changes["precision"]])
+                r["mfu"] = flops / r["peak_gflops"]
+                r["load_average"] = os.getloadavg()[0]
+                print(
+                    f"  {name:32s} {r['tokens_per_s']:6.1f} tokens/s  peak RSS "
+                    f"{r['peak_rss_mb']:5.0f} MB (largest process {r['rank_rss_mb']:5.0f} MB)  "
+                    f"MFU {100 * r['mfu']:4.1f}%  [{r['wall_s']:.0f} s, load {r['load_average']:.1f}]",
+                    flush=True,
+                )
+                best = results.get(name)
+                if best is None or r["tokens_per_s"] > best["tokens_per_s"]:
+                    results[name] = {**r, "runs": (best or {}).get("runs", 0)}
+                results[name]["runs"] += 1
+                for key in ("peak_rss_mb", "rank_rss_mb"):  # memory: the worst seen
+                    results[name][key] = max(results[name][key], r[key])
+    report(results)
+    (REPO / "runs").mkdir(exist_ok=True)
+    (REPO / "runs" / "bench_train.json").write_text(
+        json.dumps({"peak_gflops": peak, "results": results, "args": vars(a)}, indent=2)
+    )
+
+
+def report(results: dict[str, dict[str, Any]]) -> None:
+    """Ratios side by side (only for the configurations that ran)."""
+
+    def line(label: str, x: str, y: str, memory: bool = True) -> None:
+        if x not in results or y not in results:
+            return
+        rx, ry = results[x], results[y]
+        text = f"  {label:52s} {rx['tokens_per_s'] / ry['tokens_per_s']:5.2f}x tokens/s"
+        if memory:
+            text += (
+                f", {rx['peak_rss_mb'] / ry['peak_rss_mb']:4.2f}x peak RSS (sum),"
+                f" {rx['rank_rss_mb'] / ry['rank_rss_mb']:4.2f}x (largest process)"
+            )
+        print(text)
+
+    trl16, trl32 = "TRL DPOTrainer bf16 (live ref)", "TRL DPOTrainer fp32 (live ref)"
+    print("\nratios (targets vs TRL: >= 1.5x tokens/s, <= 0.7x peak memory)")
+    for ours in (
+        "bf16 precomputed ref, 2 procs",
+        "bf16 live ref, 2 procs",
+        "bf16 precomputed ref, 1 proc",
+        "bf16 live ref, 1 proc",
+    ):
+        line(f"ours {ours} vs TRL bf16", ours, trl16)
+    line("ours fp32 live ref, 1 proc vs TRL fp32", "fp32 live ref, 1 proc", trl32)
+    line(
+        "precomputed vs live reference (bf16, 2 procs)",
+        "bf16 precomputed ref, 2 procs",
+        "bf16 live ref, 2 procs",
+    )
+    line(
+        "precomputed vs live reference (bf16, 1 proc)",
+        "bf16 precomputed ref, 1 proc",
+        "bf16 live ref, 1 proc",
+    )
+    line(
+        "bf16 vs fp32 (precomputed ref, 2 procs)",
+        "bf16 precomputed ref, 2 procs",
+        "fp32 precomputed ref, 2 procs",
+    )
+    line(
+        "ZeRO-3 2 procs vs 1 (bf16, precomputed ref)",
+        "bf16 precomputed ref, 2 procs",
+        "bf16 precomputed ref, 1 proc",
+    )
+
+
+if __name__ == "__main__":
+    main()
