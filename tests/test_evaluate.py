@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -164,10 +165,14 @@ def test_build_report_on_a_constructed_case() -> None:
 
 # -- the stages on the tiny preset --------------------------------------------------------------
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> RunConfig:
-    """prepare -> generate -> score -> train -> evaluate -> promote on the tiny preset."""
+def tiny_run(
+    tmp_path_factory: pytest.TempPathFactory, cache_dir: Path, tiny_prepared: RunConfig
+) -> RunConfig:
+    """prepare -> generate -> score -> train -> evaluate -> promote on the tiny preset (prepare's
+    output is the session's, copied: same config, so the run store takes it as up to date)."""
     root = tmp_path_factory.mktemp("pipeline")
     cfg = load_config(TINY, [f"root={root / 'runs'}", f"cache_dir={cache_dir}"])
+    shutil.copytree(tiny_prepared.run_dir / "prepare", cfg.run_dir / "prepare")
     for stage in ("prepare", "generate", "score", "train", "evaluate", "promote"):
         run_stage(cfg, stage)
     return cfg

@@ -369,22 +369,20 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 def test_promote_against_a_tracking_server(
     tiny_config: ConfigFactory, policies: list[Path], mlflow_server: str
 ) -> None:
+    """Server mode: registry, aliases and artifacts through a loopback `mlflow server`."""
     import mlflow
     import pandas as pd
 
     good = tiny_config("name=srv-good", f"tracking.uri={mlflow_server}")
     fake_upstream(good, policies[0], reward=0.5)
     run_stage(good, "promote")
-    worse = tiny_config("name=srv-worse", f"tracking.uri={mlflow_server}")
-    fake_upstream(worse, policies[1], reward=0.1)
-    run_stage(worse, "promote")
-    assert promotion(good)["gate"] == "passed" and promotion(worse)["gate"] == "failed"
-    assert (alias_version(good, "champion"), alias_version(good, "challenger")) == ("1", "2")
+    run_stage(good, "promote", force=True)
+    assert promotion(good)["action"] == "unchanged"
+    assert alias_version(good, "champion") == "1" and len(versions(good)) == 1
     tracking.setup(good)
     model = mlflow.pyfunc.load_model(f"models:/{good.promote.registered_model}@champion")
-    assert (
-        len(model.predict(pd.DataFrame({"prompt": ["hello"]}), params={"max_new_tokens": 3})) == 1
-    )
+    out = model.predict(pd.DataFrame({"prompt": ["hello"]}), params={"max_new_tokens": 3})
+    assert len(out) == 1
 
 
 def test_promotion_killed_before_the_gate_is_finished(
