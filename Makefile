@@ -39,7 +39,7 @@ STAGE_FLAGS = --config $(CONFIG) $(if $(FORCE),--force) $(ARGS)
 .PHONY: setup pipeline prepare generate score train evaluate promote test check lint \
         mlflow-ui bench clean help
 .PHONY: submit cluster-status slurm-up slurm-down
-.PHONY: iterate
+.PHONY: iterate frontier
 
 help:
 	@echo "make pipeline   run prepare -> generate -> score -> train -> evaluate -> promote"
@@ -48,6 +48,7 @@ help:
 	@echo "make check      lint, type-check and test"
 	@echo "make submit     the chain as SLURM jobs (CONFIG=... WAIT=1; docs/cluster.md)"
 	@echo "make iterate    ROUNDS=n rounds of generate -> score -> train, each on the last policy"
+	@echo "make frontier   reward-KL frontier across objectives and strengths (POINTS='dpo:0.05,0.1 simpo:2')"
 
 setup: $(STAMP)
 
@@ -73,6 +74,9 @@ prepare generate score train evaluate promote: setup
 # Iterative (on-policy, DICE-style) rounds; train takes NPROC, NNODES, NODE_RANK, MASTER_ADDR,
 # MASTER_PORT, HOSTFILE from the environment (pipeline/distributed.py).
 ROUNDS ?= 2
+frontier: setup
+	$(BIN)/python -m stages.frontier $(STAGE_FLAGS) $(if $(POINTS),--points "$(POINTS)")
+
 iterate: setup
 	ROUNDS=$(ROUNDS) $(BIN)/python -m stages.iterate $(STAGE_FLAGS)
 
