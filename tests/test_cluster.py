@@ -23,6 +23,7 @@ import pytest
 
 from pipeline import cluster
 from pipeline.config import STAGES, ConfigError, RunConfig, load_config
+from pipeline.data import read_rows
 from pipeline.runstore import RunStore
 
 REPO = Path(__file__).resolve().parent.parent
@@ -334,7 +335,11 @@ def test_preempted_train_job_resumes_from_its_checkpoint(chain: dict[str, Any]) 
     assert manifest is not None
     # It went on from the checkpoint it had (or a later one), not from step 0.
     assert manifest["resumed_from_step"] >= chain["preempted_at"], manifest["resumed_from_step"]
-    assert manifest["steps"] == 24
+    # ... and finished the whole schedule: epochs x ceil(pairs / global batch) optimizer steps
+    # (2 ranks here), the same count an uninterrupted run takes.
+    pairs = len(read_rows(RunStore(cfg).stage_dir("score") / "pairs.parquet"))
+    global_batch = cfg.train.per_device_batch_size * 2 * cfg.train.gradient_accumulation_steps
+    assert manifest["steps"] == cfg.train.epochs * -(-pairs // global_batch), (pairs, manifest)
 
 
 def test_every_stage_logged_once_to_the_shared_server(
