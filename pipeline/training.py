@@ -694,6 +694,8 @@ class PolicyModule(nn.Module):
             input_ids=batch.input_ids, attention_mask=batch.attention_mask
         ).last_hidden_state
         requires: frozenset[str] = obj.requires if mode == "loss" else frozenset()
+        # Optional fields (RMiPO's chosen_marginal_mask) are passed whenever the objective reads them.
+        reads: frozenset[str] = obj.accepts if mode == "loss" else frozenset()
         want_kl = bool(requires & {"chosen_kl", "chosen_reverse_kl"})
         ref_hidden = ref.get("hidden") if (want_kl and ref is not None) else None
         stats = response_token_stats(
@@ -715,7 +717,7 @@ class PolicyModule(nn.Module):
         def split(generic: str, t: Tensor | None) -> dict[str, Tensor]:
             """[2B, ...] -> the chosen and rejected fields, if the objective reads them."""
             chosen, rejected = SIDE_FIELDS[generic]
-            if t is None or chosen not in requires:
+            if t is None or chosen not in reads:
                 return {}
             return {chosen: t[:b], rejected: t[b:]}
 

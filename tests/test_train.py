@@ -206,6 +206,65 @@ def test_load_pairs_counts_truncation_and_rejects_bad_rows(
         training.load_pairs(path, max_length=64, max_prompt_length=32)
 
 
+def test_policy_module_feeds_rmipo_the_prompt_free_mask() -> None:
+    """RMiPO in training equals a float64 re-computation from the model's own log-probs.
+
+    The prompt-free pass cannot score a response's first token; the PMI mean must leave that
+    position out (through chosen/rejected_marginal_mask), not average a zero into it.
+    """
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from pipeline.objectives import make_objective
+
+    torch.manual_seed(0)
+    lm = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=50,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+        )
+    ).eval()
+    data = training.PairData(
+        pair_ids=["a", "b"],
+        prompts=[[1, 2, 3], [4, 5]],
+        chosen=[[6, 7, 8, 9], [10, 11, 12]],
+        rejected=[[13, 14], [15, 16, 17, 18, 19]],
+    )
+    batch = training.collate(data, [0, 1], 0, pad_id=0, prompt_free=True)
+    module = training.PolicyModule(lm, make_objective("rmipo"), chunk_size=8)
+    with torch.no_grad():
+        loss = module(batch.as_dict())["loss"]
+
+    def token_logps(ids: list[int]) -> list[float]:
+        logits = lm(input_ids=torch.tensor([ids])).logits[0].double()
+        logp = logits.log_softmax(-1)
+        return [float(logp[t - 1, ids[t]]) for t in range(1, len(ids))]
+
+    def mean(xs: list[float]) -> float:
+        return sum(xs) / len(xs)
+
+    expected = []
+    with torch.no_grad():
+        for j in range(2):
+            p = data.prompts[j]
+            mean_l, pmi = {}, {}
+            for side in ("chosen", "rejected"):
+                y = getattr(data, side)[j]
+                conditional = token_logps(p + y)[len(p) - 1 :]  # log pi(y_t | x, y_<t)
+                free = token_logps(y)  # log p(y_t | y_<t), t >= 1: the first token is unscored
+                mean_l[side] = mean(conditional)
+                pmi[side] = mean_l[side] - mean(free)
+            gamma = 0.3 + 1.3 * math.exp(-max(pmi["chosen"] - pmi["rejected"], 0.0))
+            logit = 2.0 * (mean_l["chosen"] - mean_l["rejected"] - gamma)
+            expected.append(math.log1p(math.exp(-logit)))
+    assert float(loss) == pytest.approx(sum(expected) / 2, abs=1e-5)
+
+
 def test_epoch_order_is_deterministic_complete_and_bucketed() -> None:
     lengths = [random.Random(i).randint(5, 60) for i in range(37)]
     batches = training.epoch_batches(lengths, 8, seed=3, epoch=1, bucket_window=4)
