@@ -30,11 +30,18 @@ def _known_errors() -> tuple[type[BaseException], ...]:
 
 def _parser(prog: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog)
-    p.add_argument("--config", default=os.environ.get("MIDPO_CONFIG", DEFAULT_CONFIG),
-                   help="run YAML (default: %(default)s)")
+    p.add_argument(
+        "--config",
+        default=os.environ.get("MIDPO_CONFIG", DEFAULT_CONFIG),
+        help="run YAML (default: %(default)s)",
+    )
     p.add_argument("--force", action="store_true", help="rerun even if outputs are up to date")
-    p.add_argument("overrides", nargs="*", metavar="key.sub=value",
-                   help="dotted config overrides, e.g. train.objective=simpo train.beta=2.0")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key.sub=value",
+        help="dotted config overrides, e.g. train.objective=simpo train.beta=2.0",
+    )
     return p
 
 
@@ -54,8 +61,10 @@ def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     commands = (*STAGES, "show-config")
     if not argv or argv[0] not in commands:
-        print(f"usage: midpo {{{','.join(commands)}}} [--config FILE] [--force] [key=value ...]",
-              file=sys.stderr)
+        print(
+            f"usage: midpo {{{','.join(commands)}}} [--config FILE] [--force] [key=value ...]",
+            file=sys.stderr,
+        )
         sys.exit(2)
     command, rest = argv[0], argv[1:]
     if command == "show-config":

@@ -42,12 +42,32 @@ SCRIPTS = REPO / "cluster" / "slurm"
 
 # Final states of a job that did not succeed (a requeued job goes back to PENDING instead;
 # PREEMPTED and NODE_FAIL are passing states for a job SLURM will requeue).
-FAILED_STATES = {"FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
-                 "DEADLINE", "PREEMPTED", "SPECIAL_EXIT", "REVOKED"}
+FAILED_STATES = {
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "NODE_FAIL",
+    "OUT_OF_MEMORY",
+    "BOOT_FAIL",
+    "DEADLINE",
+    "PREEMPTED",
+    "SPECIAL_EXIT",
+    "REVOKED",
+}
 # Reasons a pending job will never start: waiting on would hang the chain forever.
-HOPELESS_REASONS = {"DependencyNeverSatisfied", "PartitionConfig", "PartitionNodeLimit",
-                    "PartitionTimeLimit", "BadConstraints", "InvalidAccount", "InvalidQOS",
-                    "AccountNotAllowed", "QOSNotAllowed", "InactiveLimit", "JobHeldAdmin"}
+HOPELESS_REASONS = {
+    "DependencyNeverSatisfied",
+    "PartitionConfig",
+    "PartitionNodeLimit",
+    "PartitionTimeLimit",
+    "BadConstraints",
+    "InvalidAccount",
+    "InvalidQOS",
+    "AccountNotAllowed",
+    "QOSNotAllowed",
+    "InactiveLimit",
+    "JobHeldAdmin",
+}
 
 
 class ClusterError(RuntimeError):
@@ -73,10 +93,17 @@ class Resources:
     keys: dict[str, str] = field(default_factory=dict, compare=False)
 
     def describe(self) -> str:
-        parts = [f"nodes={self.nodes}", f"gpus_per_node={self.gpus_per_node}",
-                 f"cpus_per_task={self.cpus_per_task}", f"time={self.time}"]
-        parts += [f"{k}={v}" for k in ("partition", "mem", "account", "qos")
-                  if (v := getattr(self, k)) is not None]
+        parts = [
+            f"nodes={self.nodes}",
+            f"gpus_per_node={self.gpus_per_node}",
+            f"cpus_per_task={self.cpus_per_task}",
+            f"time={self.time}",
+        ]
+        parts += [
+            f"{k}={v}"
+            for k in ("partition", "mem", "account", "qos")
+            if (v := getattr(self, k)) is not None
+        ]
         return ", ".join(parts)
 
 
@@ -128,24 +155,32 @@ def check_consistency(cfg: RunConfig, stages: list[str]) -> None:
             problems.append(
                 f"generate.tensor_parallel_size ({g.tensor_parallel_size}) x data_parallel_size "
                 f"({g.data_parallel_size}) = {want} GPUs, but {r.keys['gpus_per_node']} = "
-                f"{r.gpus_per_node}: vLLM needs one GPU per worker")
+                f"{r.gpus_per_node}: vLLM needs one GPU per worker"
+            )
         if r.gpus_per_node == 0 and g.device == "cuda":
-            problems.append(f"generate.device=cuda but {r.keys['gpus_per_node']} = 0: the job "
-                            "would get no GPU")
+            problems.append(
+                f"generate.device=cuda but {r.keys['gpus_per_node']} = 0: the job would get no GPU"
+            )
     if "train" in stages:
         r = stage_resources(cfg, "train")
         nproc = cfg.train.nproc
         if r.gpus_per_node > 0 and isinstance(nproc, int) and nproc > r.gpus_per_node:
-            problems.append(f"train.nproc={nproc} processes per node but {r.keys['gpus_per_node']} "
-                            f"= {r.gpus_per_node}: one GPU per rank")
+            problems.append(
+                f"train.nproc={nproc} processes per node but {r.keys['gpus_per_node']} "
+                f"= {r.gpus_per_node}: one GPU per rank"
+            )
     if problems:
         raise ConfigError("\n".join(f"{where}: {p}" for p in problems))
 
 
 def sbatch_args(res: Resources) -> list[str]:
     """The resource flags of a stage's job (one task per node; the stage starts its processes)."""
-    args = [f"--nodes={res.nodes}", "--ntasks-per-node=1", f"--cpus-per-task={res.cpus_per_task}",
-            f"--time={res.time}"]
+    args = [
+        f"--nodes={res.nodes}",
+        "--ntasks-per-node=1",
+        f"--cpus-per-task={res.cpus_per_task}",
+        f"--time={res.time}",
+    ]
     if res.gpus_per_node:
         args.append(f"--gpus-per-node={res.gpus_per_node}")
     for flag in ("partition", "mem", "account", "qos"):
@@ -193,8 +228,10 @@ def submissions_dir(cfg: RunConfig) -> Path:
 def latest_submission(cfg: RunConfig) -> Submission:
     found = sorted(submissions_dir(cfg).glob("*/submission.json"))
     if not found:
-        raise ClusterError(f"run {cfg.name!r} has no submitted chain under {submissions_dir(cfg)}: "
-                           "`make submit` first")
+        raise ClusterError(
+            f"run {cfg.name!r} has no submitted chain under {submissions_dir(cfg)}: "
+            "`make submit` first"
+        )
     return Submission.load(found[-1])
 
 
@@ -208,7 +245,8 @@ def _slurm_program(name: str) -> str:
     if path is None:
         raise ClusterError(
             f"`{name}` is not on PATH: SLURM's client commands are needed (submit from a login "
-            "node, or start a one-node SLURM here with `make slurm-up`)")
+            "node, or start a one-node SLURM here with `make slurm-up`)"
+        )
     return path
 
 
@@ -216,18 +254,24 @@ def _slurm(cmd: list[str], env: dict[str, str] | None = None) -> subprocess.Comp
     try:
         return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
     except subprocess.TimeoutExpired:
-        raise ClusterError(f"`{' '.join(cmd[:2])} ...` did not answer within 120 s: is slurmctld "
-                           "up? (`sinfo`)") from None
+        raise ClusterError(
+            f"`{' '.join(cmd[:2])} ...` did not answer within 120 s: is slurmctld up? (`sinfo`)"
+        ) from None
 
 
 def _rejection(res: Resources, error: str, cfg: RunConfig) -> ClusterError:
     """SLURM refused a stage's request: its words, the request, and the keys to change."""
     low = error.lower()
     hints = {
-        "partition": ["partition"], "node configuration": ["nodes", "cpus_per_task",
-                                                           "gpus_per_node", "mem"],
-        "node count": ["nodes"], "time limit": ["time"], "gres": ["gpus_per_node"],
-        "gpu": ["gpus_per_node"], "memory": ["mem"], "account": ["account"], "qos": ["qos"],
+        "partition": ["partition"],
+        "node configuration": ["nodes", "cpus_per_task", "gpus_per_node", "mem"],
+        "node count": ["nodes"],
+        "time limit": ["time"],
+        "gres": ["gpus_per_node"],
+        "gpu": ["gpus_per_node"],
+        "memory": ["mem"],
+        "account": ["account"],
+        "qos": ["qos"],
         "cpu": ["cpus_per_task"],
     }
     names = list(dict.fromkeys(n for word, ns in hints.items() if word in low for n in ns))
@@ -239,7 +283,8 @@ def _rejection(res: Resources, error: str, cfg: RunConfig) -> ClusterError:
         f"SLURM rejected the {res.stage} job ({res.describe()}):\n"
         + "".join(f"  {line}\n" for line in error.strip().splitlines())
         + f"check {', '.join(keys)} in {cfg.source or 'the config'}"
-        + (" (`sinfo -s` lists partitions and their nodes)" if "partition" in names else ""))
+        + (" (`sinfo -s` lists partitions and their nodes)" if "partition" in names else "")
+    )
 
 
 def _job_env(cfg: RunConfig, submission_dir: Path) -> dict[str, str]:
@@ -288,13 +333,16 @@ def submit_chain(
     if reach.returncode != 0:
         raise ClusterError(
             "cannot reach SLURM (is slurmctld up, and SLURM_CONF set where the cluster needs it?):\n"
-            + "\n".join(f"  {line}" for line in (reach.stderr or reach.stdout).strip().splitlines()))
+            + "\n".join(f"  {line}" for line in (reach.stderr or reach.stdout).strip().splitlines())
+        )
     uri = tracking.tracking_uri(cfg)
     try:
         tracking._check_reachable(uri)
     except tracking.TrackingError as e:
-        raise ClusterError(f"{e}: every stage logs there; start it or fix tracking.uri / "
-                           "MLFLOW_TRACKING_URI before submitting") from None
+        raise ClusterError(
+            f"{e}: every stage logs there; start it or fix tracking.uri / "
+            "MLFLOW_TRACKING_URI before submitting"
+        ) from None
 
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     base = submissions_dir(cfg)
@@ -309,8 +357,13 @@ def submit_chain(
     shutil.copyfile(config_path, config_copy)
     stage_argv = ["--config", str(config_copy), *(["--force"] if force else []), *overrides]
     env = _job_env(cfg, sub_dir)
-    common = ["--requeue", "--open-mode=append", "--kill-on-invalid-dep=yes",
-              f"--chdir={os.getcwd()}", *c.sbatch_args]
+    common = [
+        "--requeue",
+        "--open-mode=append",
+        "--kill-on-invalid-dep=yes",
+        f"--chdir={os.getcwd()}",
+        *c.sbatch_args,
+    ]
     plans = []
     for s in stages:
         res = stage_resources(cfg, s)
@@ -337,10 +390,18 @@ def submit_chain(
         job_id = out.stdout.strip().split(";")[0]
         jobs.append(Job(s, job_id, log.replace("%j", job_id), cmd))
         if echo:
-            print(f"[submit] {s}: job {job_id} ({res.describe()}) -> {jobs[-1].log}",
-                  file=sys.stderr)
-    sub = Submission(run=cfg.name, created=stamp, dir=str(sub_dir), config=str(config_copy),
-                     overrides=overrides, tracking_uri=uri, jobs=jobs)
+            print(
+                f"[submit] {s}: job {job_id} ({res.describe()}) -> {jobs[-1].log}", file=sys.stderr
+            )
+    sub = Submission(
+        run=cfg.name,
+        created=stamp,
+        dir=str(sub_dir),
+        config=str(config_copy),
+        overrides=overrides,
+        tracking_uri=uri,
+        jobs=jobs,
+    )
     sub.save()
     return sub
 
@@ -381,9 +442,15 @@ def job_info(job_ids: list[str]) -> dict[str, JobInfo]:
         fields = dict(re.findall(r"(\w+)=(\S*)", line))
         jid = fields.get("JobId", "")
         if jid in wanted:
-            found[jid] = JobInfo(jid, fields.get("JobState", "UNKNOWN"), fields.get("Reason", ""),
-                                 fields.get("ExitCode", ""), int(fields.get("Restarts", "0") or 0),
-                                 fields.get("NodeList", ""), fields.get("Requeue") == "1")
+            found[jid] = JobInfo(
+                jid,
+                fields.get("JobState", "UNKNOWN"),
+                fields.get("Reason", ""),
+                fields.get("ExitCode", ""),
+                int(fields.get("Restarts", "0") or 0),
+                fields.get("NodeList", ""),
+                fields.get("Requeue") == "1",
+            )
     return found
 
 
@@ -401,8 +468,11 @@ def _states(sub: Submission) -> dict[str, JobInfo]:
         if j.job_id not in infos:
             # Purged from the controller (after MinJobAge): its output decides.
             cfg_done = _stage_complete(sub, j.stage)
-            infos[j.job_id] = JobInfo(j.job_id, "COMPLETED" if cfg_done else "UNKNOWN",
-                                      "" if cfg_done else "no longer known to slurmctld")
+            infos[j.job_id] = JobInfo(
+                j.job_id,
+                "COMPLETED" if cfg_done else "UNKNOWN",
+                "" if cfg_done else "no longer known to slurmctld",
+            )
     return infos
 
 
@@ -423,29 +493,39 @@ def _failure(sub: Submission, rows: list[tuple[Job, JobInfo]]) -> str | None:
     """A report if the chain has failed (a job ended badly or can never start), else None."""
     for i, (job, info) in enumerate(rows):
         if info.failed or info.hopeless:
-            later = rows[i + 1:]
+            later = rows[i + 1 :]
             # Dependents of a failed job: SLURM cancels them (--kill-on-invalid-dep); make sure.
-            live = [j.job_id for j, inf in [(job, info), *later]
-                    if inf.state in ("PENDING", "RUNNING", "REQUEUED", "SUSPENDED")]
+            live = [
+                j.job_id
+                for j, inf in [(job, info), *later]
+                if inf.state in ("PENDING", "RUNNING", "REQUEUED", "SUSPENDED")
+            ]
             if live:
                 _slurm(["scancel", *live])
-            what = f"{info.state}" + (f" ({info.reason})" if info.reason not in ("", "None") else "")
+            what = f"{info.state}" + (
+                f" ({info.reason})" if info.reason not in ("", "None") else ""
+            )
             if info.exit_code and info.state != "PENDING":
                 what += f", exit code {info.exit_code}"
             lines = [f"stage {job.stage!r} (job {job.job_id}) {what}; log: {job.log}"]
             if info.state != "PENDING":
                 lines.append(f"  last lines of the log:\n{_log_tail(job.log)}")
             if later:
-                lines.append("  not run (the chain stops at a failed stage): " + ", ".join(
-                    f"{j.stage} (job {j.job_id})" for j, _ in later))
-            lines.append("  after fixing it, `make submit` again: finished stages are skipped, "
-                         "train resumes from its last checkpoint")
+                lines.append(
+                    "  not run (the chain stops at a failed stage): "
+                    + ", ".join(f"{j.stage} (job {j.job_id})" for j, _ in later)
+                )
+            lines.append(
+                "  after fixing it, `make submit` again: finished stages are skipped, "
+                "train resumes from its last checkpoint"
+            )
             return "\n".join(lines)
     return None
 
 
-def wait_chain(sub: Submission, poll_s: float = 2.0, timeout_s: float | None = None,
-               echo: bool = True) -> list[tuple[Job, JobInfo]]:
+def wait_chain(
+    sub: Submission, poll_s: float = 2.0, timeout_s: float | None = None, echo: bool = True
+) -> list[tuple[Job, JobInfo]]:
     """Poll until every job of the chain completed; ClusterError on the first failure."""
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     last: dict[str, tuple[str, int]] = {}
@@ -457,8 +537,10 @@ def wait_chain(sub: Submission, poll_s: float = 2.0, timeout_s: float | None = N
                 if last.get(job.job_id) != key:
                     last[job.job_id] = key
                     extra = f" (restart {info.restarts})" if info.restarts else ""
-                    print(f"[cluster] {job.stage} (job {job.job_id}): {info.state}{extra}",
-                          file=sys.stderr)
+                    print(
+                        f"[cluster] {job.stage} (job {job.job_id}): {info.state}{extra}",
+                        file=sys.stderr,
+                    )
         report = _failure(sub, rows)
         if report is not None:
             raise ClusterError(report)
@@ -468,7 +550,8 @@ def wait_chain(sub: Submission, poll_s: float = 2.0, timeout_s: float | None = N
             raise ClusterError(
                 f"the chain of run {sub.run!r} is not done after {timeout_s:.0f} s: "
                 + ", ".join(f"{j.stage} {i.state}" for j, i in rows)
-                + " (jobs left queued; `python -m pipeline.cluster status` follows them)")
+                + " (jobs left queued; `python -m pipeline.cluster status` follows them)"
+            )
         time.sleep(poll_s)
 
 
@@ -484,8 +567,9 @@ def cancel_chain(sub: Submission) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m pipeline.cluster",
-                                description="Run the pipeline as chained SLURM jobs.")
+    p = argparse.ArgumentParser(
+        prog="python -m pipeline.cluster", description="Run the pipeline as chained SLURM jobs."
+    )
     p.add_argument("command", choices=("submit", "status", "wait", "cancel"))
     p.add_argument("--config", default=os.environ.get("MIDPO_CONFIG", "configs/demo.yaml"))
     p.add_argument("--force", action="store_true", help="rerun stages even if up to date")
@@ -498,12 +582,26 @@ def main(argv: list[str] | None = None) -> None:
     try:
         cfg = load_config(args.config, args.overrides)
         if args.command == "submit":
-            stages = [s.strip() for s in args.stages.split(",") if s.strip()] if args.stages else None
+            stages = (
+                [s.strip() for s in args.stages.split(",") if s.strip()] if args.stages else None
+            )
             sub = submit_chain(cfg, args.config, args.overrides, stages, args.force)
-            status = shlex.join(["python", "-m", "pipeline.cluster", "status", "--config",
-                                 args.config, *args.overrides])
-            print(f"[submit] chain of {len(sub.jobs)} jobs for run {cfg.name!r}; `{status}` "
-                  f"follows it; logs in {sub.dir}", file=sys.stderr)
+            status = shlex.join(
+                [
+                    "python",
+                    "-m",
+                    "pipeline.cluster",
+                    "status",
+                    "--config",
+                    args.config,
+                    *args.overrides,
+                ]
+            )
+            print(
+                f"[submit] chain of {len(sub.jobs)} jobs for run {cfg.name!r}; `{status}` "
+                f"follows it; logs in {sub.dir}",
+                file=sys.stderr,
+            )
             if args.wait:
                 wait_chain(sub, args.poll, args.timeout)
                 print(f"[cluster] run {cfg.name!r}: every stage completed", file=sys.stderr)
@@ -511,8 +609,10 @@ def main(argv: list[str] | None = None) -> None:
             sub = latest_submission(cfg)
             print(f"run {sub.run}, submitted {sub.created}, logs in {sub.dir}")
             for job, info in chain_status(sub):
-                print(f"  {job.stage:<9} job {job.job_id:<8} {info.state:<12} "
-                      f"{info.reason if info.state == 'PENDING' else info.exit_code:<24} {job.log}")
+                print(
+                    f"  {job.stage:<9} job {job.job_id:<8} {info.state:<12} "
+                    f"{info.reason if info.state == 'PENDING' else info.exit_code:<24} {job.log}"
+                )
         elif args.command == "wait":
             wait_chain(latest_submission(cfg), args.poll, args.timeout)
             print(f"[cluster] run {cfg.name!r}: every stage completed", file=sys.stderr)

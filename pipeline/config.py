@@ -66,7 +66,9 @@ class DataConfig(Section):
     @model_validator(mode="after")
     def _path_when_needed(self) -> DataConfig:
         if self.task in ("prompts", "preference") and not self.path:
-            raise ValueError(f"task '{self.task}' needs data.path (a JSONL, Parquet or saved dataset)")
+            raise ValueError(
+                f"task '{self.task}' needs data.path (a JSONL, Parquet or saved dataset)"
+            )
         return self
 
 
@@ -165,12 +167,16 @@ class ScoreConfig(Section):
 
         allowed = TRANSFORM_DEFAULTS.get(self.tisdpo_transform)
         if allowed is None:
-            raise ValueError(f"tisdpo_transform must be one of {sorted(TRANSFORM_DEFAULTS)}, "
-                             f"got {self.tisdpo_transform!r}")
+            raise ValueError(
+                f"tisdpo_transform must be one of {sorted(TRANSFORM_DEFAULTS)}, "
+                f"got {self.tisdpo_transform!r}"
+            )
         unknown = sorted(set(self.tisdpo_transform_params) - set(allowed))
         if unknown:
-            raise ValueError(f"tisdpo_transform_params: unknown {unknown} for "
-                             f"{self.tisdpo_transform!r}; expected {sorted(allowed)}")
+            raise ValueError(
+                f"tisdpo_transform_params: unknown {unknown} for "
+                f"{self.tisdpo_transform!r}; expected {sorted(allowed)}"
+            )
         return self
 
 
@@ -281,8 +287,9 @@ class ClusterConfig(Section):
     mem: str | None = Field(None, pattern=SLURM_MEM, description="memory per node, e.g. 200G")
     account: str | None = None
     qos: str | None = None
-    stages: dict[Literal["prepare", "generate", "score", "train", "evaluate", "promote"],
-                 StageResources] = Field(default_factory=dict)
+    stages: dict[
+        Literal["prepare", "generate", "score", "train", "evaluate", "promote"], StageResources
+    ] = Field(default_factory=dict)
     # Extra sbatch flags for every job (e.g. --constraint=a100, --exclusive).
     sbatch_args: list[str] = Field(default_factory=list)
     # Shell lines each job runs before its stage (module load ..., source venv/bin/activate).
@@ -301,7 +308,9 @@ class ClusterConfig(Section):
                 )
         for arg in self.sbatch_args:
             if not arg.startswith("-"):
-                raise ValueError(f"sbatch_args: {arg!r} is not an sbatch flag (e.g. --constraint=a100)")
+                raise ValueError(
+                    f"sbatch_args: {arg!r} is not an sbatch flag (e.g. --constraint=a100)"
+                )
         return self
 
 

@@ -106,7 +106,9 @@ def opening(text: str, words: int) -> str | None:
     return " ".join(tokens[:words])
 
 
-def vader_prompts(split: list[Snippet], instruction: str, words: int, limit: int) -> list[dict[str, Any]]:
+def vader_prompts(
+    split: list[Snippet], instruction: str, words: int, limit: int
+) -> list[dict[str, Any]]:
     rows = []
     for s in split:
         start = opening(s.text, words)
@@ -118,7 +120,9 @@ def vader_prompts(split: list[Snippet], instruction: str, words: int, limit: int
     return rows
 
 
-def human_pairs(split: list[Snippet], min_gap: float, limit: int, seed: int) -> list[dict[str, Any]]:
+def human_pairs(
+    split: list[Snippet], min_gap: float, limit: int, seed: int
+) -> list[dict[str, Any]]:
     """Pairs of distinct snippets whose mean human ratings differ by >= min_gap."""
     rng = random.Random(seed + 1)
     pool = list(split)
@@ -135,11 +139,16 @@ def human_pairs(split: list[Snippet], min_gap: float, limit: int, seed: int) -> 
         if key in seen:
             continue
         seen.add(key)
-        rows.append({
-            "pair_id": f"human-{hi.id}-{lo.id}", "prompt": HUMAN_PAIR_PROMPT,
-            "chosen": hi.text, "rejected": lo.text,
-            "chosen_rating": hi.rating, "rejected_rating": lo.rating,
-        })
+        rows.append(
+            {
+                "pair_id": f"human-{hi.id}-{lo.id}",
+                "prompt": HUMAN_PAIR_PROMPT,
+                "chosen": hi.text,
+                "rejected": lo.text,
+                "chosen_rating": hi.rating,
+                "rejected_rating": lo.rating,
+            }
+        )
     return rows
 
 
@@ -183,7 +192,9 @@ def load_records(path: str | Path) -> list[tuple[str, dict[str, Any]]]:
             except json.JSONDecodeError as e:
                 out.append((where, {"__error__": f"invalid JSON ({e.msg} at column {e.colno})"}))
         return out
-    raise DataError(f"dataset {p}: unsupported format (use .jsonl, .json, .parquet or a saved dataset folder)")
+    raise DataError(
+        f"dataset {p}: unsupported format (use .jsonl, .json, .parquet or a saved dataset folder)"
+    )
 
 
 def _text(row: dict[str, Any], field: str, role: str | None = None) -> str:
@@ -193,7 +204,9 @@ def _text(row: dict[str, Any], field: str, role: str | None = None) -> str:
     value = row[field]
     if isinstance(value, list):
         if not value or not all(isinstance(m, dict) and "content" in m for m in value):
-            raise DataError(f"field '{field}': expected a string or a list of {{role, content}} messages")
+            raise DataError(
+                f"field '{field}': expected a string or a list of {{role, content}} messages"
+            )
         if role is not None:
             value = [m for m in value if m.get("role") == role] or value
         value = value[-1]["content"]
@@ -211,8 +224,9 @@ def _messages(row: dict[str, Any]) -> str | list[dict[str, str]]:
     return value if isinstance(value, list) else _text(row, "prompt")
 
 
-def validate_rows(records: list[tuple[str, dict[str, Any]]], kind: str, drop_bad: bool,
-                  source: str) -> list[dict[str, Any]]:
+def validate_rows(
+    records: list[tuple[str, dict[str, Any]]], kind: str, drop_bad: bool, source: str
+) -> list[dict[str, Any]]:
     """Validate every row before any work. kind: 'preference' or 'prompts'.
 
     Returns normalised rows {prompt (str or messages), [chosen, rejected]}; raises DataError
@@ -240,11 +254,14 @@ def validate_rows(records: list[tuple[str, dict[str, Any]]], kind: str, drop_bad
         more = f"\n... and {len(bad) - 10} more" if len(bad) > 10 else ""
         raise DataError(
             f"{len(bad)} bad row(s) in {source} (set data.drop_bad_rows=true to drop them):\n"
-            + "\n".join(bad[:10]) + more
+            + "\n".join(bad[:10])
+            + more
         )
     if bad:
-        print(f"[data] dropped {len(bad)} bad row(s) of {len(records)} in {source}; first: {bad[0]}",
-              file=sys.stderr)
+        print(
+            f"[data] dropped {len(bad)} bad row(s) of {len(records)} in {source}; first: {bad[0]}",
+            file=sys.stderr,
+        )
     if not good:
         raise DataError(f"{source}: no usable rows")
     return good

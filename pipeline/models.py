@@ -104,20 +104,32 @@ def make_tiny_model(dest: Path, texts: Iterable[str], seed: int = 0) -> Path:
         bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         bpe.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(
-            vocab_size=2048, special_tokens=specials, show_progress=False,
+            vocab_size=2048,
+            special_tokens=specials,
+            show_progress=False,
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         )
         bpe.train_from_iterator(sorted(texts), trainer=trainer)
         tok = PreTrainedTokenizerFast(
-            tokenizer_object=bpe, bos_token="<|im_start|>", eos_token="<|im_end|>",
-            pad_token="<|im_end|>", unk_token="<|endoftext|>",
+            tokenizer_object=bpe,
+            bos_token="<|im_start|>",
+            eos_token="<|im_end|>",
+            pad_token="<|im_end|>",
+            unk_token="<|endoftext|>",
         )
         tok.chat_template = TINY_CHAT_TEMPLATE
         config = LlamaConfig(
-            vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-            num_attention_heads=2, num_key_value_heads=1, head_dim=32,
-            max_position_embeddings=1024, tie_word_embeddings=True,
-            bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+            vocab_size=len(tok),
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=32,
+            max_position_embeddings=1024,
+            tie_word_embeddings=True,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
             pad_token_id=tok.pad_token_id,
         )
         torch.manual_seed(seed)
@@ -146,7 +158,9 @@ def check_model_folder(path: Path, allow_pickle: bool = False) -> Path:
         shards = set(json.loads(index.read_text()).get("weight_map", {}).values())
         missing = sorted(s for s in shards if s not in names)
         if missing:
-            raise ModelError(f"model folder {path} is missing weight shard(s): {', '.join(missing)}")
+            raise ModelError(
+                f"model folder {path} is missing weight shard(s): {', '.join(missing)}"
+            )
     if not safe:
         pickled = [n for n in names if n.endswith((".bin", ".pt", ".pth", ".ckpt"))]
         if pickled and not allow_pickle:
@@ -160,8 +174,13 @@ def check_model_folder(path: Path, allow_pickle: bool = False) -> Path:
     return path
 
 
-def resolve_model(name: str, cache_dir: Path, texts: Callable[[], Iterable[str]] | None = None,
-                  allow_pickle: bool = False, seed: int = 0) -> Path:
+def resolve_model(
+    name: str,
+    cache_dir: Path,
+    texts: Callable[[], Iterable[str]] | None = None,
+    allow_pickle: bool = False,
+    seed: int = 0,
+) -> Path:
     """Turn ``model.base`` into a local Hugging Face folder, materialising built-ins."""
     if name == SMOLLM2:
         return convert_smollm2(cache_dir / "models" / SMOLLM2)
@@ -188,6 +207,7 @@ def _download_hub_model(repo_id: str, cache_dir: Path, allow_pickle: bool) -> Pa
     if allow_pickle:
         patterns.append("*.bin")
     dest = cache_dir / "models" / repo_id.replace("/", "--")
+
     def build(tmp: Path) -> None:
         snapshot_download(repo_id, local_dir=tmp, allow_patterns=patterns)
 
@@ -204,14 +224,20 @@ def load_tokenizer(path: Path | str, trust_remote_code: bool = False) -> Any:
     return tok
 
 
-def load_causal_lm(path: Path | str, dtype: str = "float32", trust_remote_code: bool = False,
-                   allow_pickle: bool = False) -> Any:
+def load_causal_lm(
+    path: Path | str,
+    dtype: str = "float32",
+    trust_remote_code: bool = False,
+    allow_pickle: bool = False,
+) -> Any:
     import torch
     from transformers import AutoModelForCausalLM
 
     check_model_folder(Path(path), allow_pickle=allow_pickle)
     return AutoModelForCausalLM.from_pretrained(
-        str(path), dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code,
+        str(path),
+        dtype=getattr(torch, dtype),
+        trust_remote_code=trust_remote_code,
         use_safetensors=not allow_pickle or None,
     )
 
@@ -220,6 +246,7 @@ def render_prompt(tokenizer: Any, prompt: str | list[dict[str, str]]) -> str:
     """Chat-template a user prompt (string or message list) with the generation prompt added."""
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
     if getattr(tokenizer, "chat_template", None):
-        return str(tokenizer.apply_chat_template(messages, add_generation_prompt=True,
-                                                 tokenize=False))
+        return str(
+            tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        )
     return "\n".join(m["content"] for m in messages)

@@ -44,7 +44,9 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
+    atomic_write_bytes(
+        path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode()
+    )
 
 
 def file_sha256(path: Path) -> str:
@@ -65,7 +67,9 @@ def read_manifest(stage_dir: Path) -> dict[str, Any] | None:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise StageError(f"{path}: corrupt manifest ({e}); rerun that stage with --force") from e
     if not isinstance(data, dict) or "stage" not in data or "status" not in data:
-        raise StageError(f"{path}: corrupt manifest (missing 'stage' or 'status'); rerun with --force")
+        raise StageError(
+            f"{path}: corrupt manifest (missing 'stage' or 'status'); rerun with --force"
+        )
     return data
 
 
@@ -74,7 +78,10 @@ def code_version() -> str:
     try:
         rev = subprocess.run(
             ["git", "-C", str(here), "rev-parse", "--short", "HEAD"],
-            capture_output=True, text=True, timeout=5, check=False,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=False,
         ).stdout.strip()
     except (OSError, subprocess.TimeoutExpired):
         rev = ""
@@ -167,8 +174,11 @@ class RunStore:
             and current.get("config_hash") == cfg_hash
             and current.get("input_hashes") == input_hashes
         ):
-            print(f"[{stage}] up to date in {final} (config and inputs unchanged); skipping. "
-                  "Use --force to rerun.", file=sys.stderr)
+            print(
+                f"[{stage}] up to date in {final} (config and inputs unchanged); skipping. "
+                "Use --force to rerun.",
+                file=sys.stderr,
+            )
             yield StageRun(stage, final, final, skipped=True)
             return
 

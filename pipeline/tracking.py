@@ -81,8 +81,8 @@ def setup(cfg: RunConfig) -> Any:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "60")
     if uri.startswith("sqlite:///"):
-        Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
-        _create_sqlite_store(Path(uri[len("sqlite:///"):]))
+        Path(uri[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
+        _create_sqlite_store(Path(uri[len("sqlite:///") :]))
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     client = mlflow.MlflowClient()
@@ -124,8 +124,9 @@ def stage_run(cfg: RunConfig, stage: str, params: dict[str, Any] | None = None) 
     mlflow = setup(cfg)
     parent = parent_run_id(cfg)
     with mlflow.start_run(run_id=parent, log_system_metrics=False):
-        with mlflow.start_run(run_name=stage, nested=True,
-                              tags={"midpo.run": cfg.name, "midpo.stage": stage}) as run:
+        with mlflow.start_run(
+            run_name=stage, nested=True, tags={"midpo.run": cfg.name, "midpo.stage": stage}
+        ) as run:
             if params:
                 mlflow.log_params(_flatten(params))
             yield run

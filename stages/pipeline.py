@@ -22,8 +22,10 @@ def available_stages() -> list[str]:
         except ModuleNotFoundError as e:
             if e.name != f"stages.{name}":
                 raise
-            print(f"[pipeline] stage {name!r} is not implemented yet; stopping before it",
-                  file=sys.stderr)
+            print(
+                f"[pipeline] stage {name!r} is not implemented yet; stopping before it",
+                file=sys.stderr,
+            )
             break
         out.append(name)
     return out

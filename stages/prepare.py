@@ -22,8 +22,11 @@ def _rendered(tokenizer: Any, rows: list[dict[str, Any]]) -> list[dict[str, Any]
     out = []
     for i, r in enumerate(rows):
         prompt = r["prompt"]
-        row = {**r, "prompt": data.prompt_display(prompt),
-               "prompt_text": models.render_prompt(tokenizer, prompt)}
+        row = {
+            **r,
+            "prompt": data.prompt_display(prompt),
+            "prompt_text": models.render_prompt(tokenizer, prompt),
+        }
         row.setdefault("prompt_id", f"p{i}")
         out.append(row)
     return out
@@ -41,15 +44,25 @@ def run(cfg: RunConfig, store: RunStore, force: bool = False) -> None:
     with store.stage("prepare", force=force) as st:
         if st.skipped:
             return
-        snippets = data.load_vader_snippets() if (
-            d.task == "vader-sentiment" or cfg.model.base == models.TINY) else []
+        snippets = (
+            data.load_vader_snippets()
+            if (d.task == "vader-sentiment" or cfg.model.base == models.TINY)
+            else []
+        )
         print(f"[prepare] model {cfg.model.base!r}", file=sys.stderr)
         model_dir = models.resolve_model(
-            cfg.model.base, Path(cfg.cache_dir), texts=lambda: [s.text for s in snippets],
-            allow_pickle=cfg.model.allow_pickle_weights, seed=cfg.seed,
+            cfg.model.base,
+            Path(cfg.cache_dir),
+            texts=lambda: [s.text for s in snippets],
+            allow_pickle=cfg.model.allow_pickle_weights,
+            seed=cfg.seed,
         )
         tok = models.load_tokenizer(model_dir, trust_remote_code=cfg.model.trust_remote_code)
-        limits = {"train": d.num_train_prompts, "eval": d.num_eval_prompts, "test": d.num_test_prompts}
+        limits = {
+            "train": d.num_train_prompts,
+            "eval": d.num_eval_prompts,
+            "test": d.num_test_prompts,
+        }
         counts: dict[str, int] = {}
 
         if d.task == "vader-sentiment":
@@ -58,8 +71,9 @@ def run(cfg: RunConfig, store: RunStore, force: bool = False) -> None:
                 rows = data.vader_prompts(splits[name], d.instruction, d.prompt_words, limit)
                 data.write_rows(st.dir / "prompts" / f"{name}.parquet", _rendered(tok, rows))
                 counts[f"prompts_{name}"] = len(rows)
-            pairs = data.human_pairs(splits["test"], d.human_pair_min_gap, d.num_human_pairs,
-                                     d.split_seed)
+            pairs = data.human_pairs(
+                splits["test"], d.human_pair_min_gap, d.num_human_pairs, d.split_seed
+            )
             data.write_rows(st.dir / "human_pairs.parquet", _rendered(tok, pairs))
             counts["human_pairs"] = len(pairs)
         else:
@@ -68,8 +82,9 @@ def run(cfg: RunConfig, store: RunStore, force: bool = False) -> None:
             for i, r in enumerate(rows):
                 r["prompt_id"] = f"u{i}"
             if d.eval_path:
-                held = data.validate_rows(data.load_records(d.eval_path), d.task, d.drop_bad_rows,
-                                          d.eval_path)
+                held = data.validate_rows(
+                    data.load_records(d.eval_path), d.task, d.drop_bad_rows, d.eval_path
+                )
                 for i, r in enumerate(held):
                     r["prompt_id"] = f"e{i}"
                 half = len(held) // 2
@@ -77,8 +92,10 @@ def run(cfg: RunConfig, store: RunStore, force: bool = False) -> None:
             else:
                 splits = _split(rows, d.split_seed)
             for name, limit in limits.items():
-                part = [{"prompt_id": r["prompt_id"], "prompt": r["prompt"]}
-                        for r in splits[name][:limit]]
+                part = [
+                    {"prompt_id": r["prompt_id"], "prompt": r["prompt"]}
+                    for r in splits[name][:limit]
+                ]
                 data.write_rows(st.dir / "prompts" / f"{name}.parquet", _rendered(tok, part))
                 counts[f"prompts_{name}"] = len(part)
             if d.task == "preference":

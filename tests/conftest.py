@@ -11,9 +11,14 @@ import pytest
 
 # Offline, CPU-safe defaults for every test (the Makefile sets the same; this covers plain pytest).
 for _k, _v in {
-    "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-    "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "1", "VLLM_NO_USAGE_STATS": "1",
-    "TOKENIZERS_PARALLELISM": "false", "VLLM_CPU_KVCACHE_SPACE": "1",
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "DO_NOT_TRACK": "1",
+    "VLLM_NO_USAGE_STATS": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "VLLM_CPU_KVCACHE_SPACE": "1",
 }.items():
     os.environ.setdefault(_k, _v)
 
@@ -38,7 +43,9 @@ def tiny_config(tmp_path: Path, cache_dir: Path) -> ConfigFactory:
     """tiny_config("train.beta=0.2", ...) -> the tiny preset, run root in this test's tmp dir."""
 
     def make(*overrides: str) -> RunConfig:
-        return load_config(TINY, [f"root={tmp_path / 'runs'}", f"cache_dir={cache_dir}", *overrides])
+        return load_config(
+            TINY, [f"root={tmp_path / 'runs'}", f"cache_dir={cache_dir}", *overrides]
+        )
 
     return make
 

@@ -47,14 +47,22 @@ def test_corpus_is_complete() -> None:
         assert on_disk == set(EXPECTED[kind]), kind
 
 
-_text = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\ufffd"),
-                max_size=20)
+_text = st.text(
+    st.characters(blacklist_categories=("Cs",), blacklist_characters="\ufffd"), max_size=20
+)
 _value = st.one_of(st.none(), st.integers(), _text, st.lists(_text, max_size=2))
 
 
 @settings(max_examples=150, deadline=None)
-@given(rows=st.lists(st.fixed_dictionaries({}, optional={
-    "prompt": _value, "chosen": _value, "rejected": _value}), min_size=1, max_size=6))
+@given(
+    rows=st.lists(
+        st.fixed_dictionaries(
+            {}, optional={"prompt": _value, "chosen": _value, "rejected": _value}
+        ),
+        min_size=1,
+        max_size=6,
+    )
+)
 def test_validator_accepts_exactly_the_valid_rows(rows: list[dict], tmp_path_factory) -> None:
     """Property: a row is kept iff all three fields are non-empty strings and chosen != rejected;
     with drop_bad_rows off, any bad row fails the whole file and names its line."""
@@ -63,8 +71,9 @@ def test_validator_accepts_exactly_the_valid_rows(rows: list[dict], tmp_path_fac
 
     def valid(r: dict) -> bool:
         fields = [r.get(k) for k in ("prompt", "chosen", "rejected")]
-        return (all(isinstance(f, str) and f.strip() for f in fields)
-                and r["chosen"] != r["rejected"])
+        return (
+            all(isinstance(f, str) and f.strip() for f in fields) and r["chosen"] != r["rejected"]
+        )
 
     n_valid = sum(map(valid, rows))
     records = data.load_records(path)

@@ -43,14 +43,28 @@ def tiny(*overrides: str) -> RunConfig:
 
 
 def test_stage_resources_take_per_stage_overrides() -> None:
-    cfg = tiny("cluster.partition=gpu", "cluster.gpus_per_node=8", "cluster.nodes=4",
-               "cluster.time=04:00:00", "cluster.stages.promote.gpus_per_node=0",
-               "cluster.stages.promote.partition=cpu", "cluster.mem=100G", "cluster.account=ml")
+    cfg = tiny(
+        "cluster.partition=gpu",
+        "cluster.gpus_per_node=8",
+        "cluster.nodes=4",
+        "cluster.time=04:00:00",
+        "cluster.stages.promote.gpus_per_node=0",
+        "cluster.stages.promote.partition=cpu",
+        "cluster.mem=100G",
+        "cluster.account=ml",
+    )
     train = cluster.stage_resources(cfg, "train")
     assert (train.nodes, train.gpus_per_node, train.partition) == (4, 8, "gpu")
     assert cluster.sbatch_args(train) == [
-        "--nodes=4", "--ntasks-per-node=1", "--cpus-per-task=2", "--time=04:00:00",
-        "--gpus-per-node=8", "--partition=gpu", "--mem=100G", "--account=ml"]
+        "--nodes=4",
+        "--ntasks-per-node=1",
+        "--cpus-per-task=2",
+        "--time=04:00:00",
+        "--gpus-per-node=8",
+        "--partition=gpu",
+        "--mem=100G",
+        "--account=ml",
+    ]
     # Only train spans nodes; the others run on one node with the cluster defaults.
     generate = cluster.stage_resources(cfg, "generate")
     assert (generate.nodes, generate.gpus_per_node) == (1, 8)
@@ -69,31 +83,51 @@ def test_missing_cluster_section_is_a_clear_error() -> None:
         cluster.submit_chain(cfg, TINY, stages=["prepare"])
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["cluster.stages.generate.nodes=2"],
-     "cluster: Value error, stages.generate.nodes=2: only train runs across nodes"),
-    (["cluster.stages.trian.nodes=2"], "cluster.stages.trian"),
-    (["cluster.time=2h"], "cluster.time: String should match pattern"),
-    (["cluster.stages.train.mem=lots"], "cluster.stages.train.mem: String should match pattern"),
-    (["cluster.nodes=0"], "cluster.nodes: Input should be greater than or equal to 1"),
-    (["cluster.sbatch_args=[exclusive]"], "'exclusive' is not an sbatch flag"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            ["cluster.stages.generate.nodes=2"],
+            "cluster: Value error, stages.generate.nodes=2: only train runs across nodes",
+        ),
+        (["cluster.stages.trian.nodes=2"], "cluster.stages.trian"),
+        (["cluster.time=2h"], "cluster.time: String should match pattern"),
+        (
+            ["cluster.stages.train.mem=lots"],
+            "cluster.stages.train.mem: String should match pattern",
+        ),
+        (["cluster.nodes=0"], "cluster.nodes: Input should be greater than or equal to 1"),
+        (["cluster.sbatch_args=[exclusive]"], "'exclusive' is not an sbatch flag"),
+    ],
+)
 def test_bad_cluster_section_fails_on_load(overrides: list[str], message: str) -> None:
     with pytest.raises(ConfigError) as e:
         tiny(*overrides)
     assert message in str(e.value)
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["cluster.gpus_per_node=2", "generate.tensor_parallel_size=2",
-      "generate.data_parallel_size=2"],
-     "generate.tensor_parallel_size (2) x data_parallel_size (2) = 4 GPUs, but "
-     "cluster.gpus_per_node = 2"),
-    (["cluster.gpus_per_node=0", "generate.device=cuda"],
-     "generate.device=cuda but cluster.gpus_per_node = 0"),
-    (["cluster.gpus_per_node=4", "cluster.stages.train.gpus_per_node=2", "train.nproc=4"],
-     "train.nproc=4 processes per node but cluster.stages.train.gpus_per_node = 2"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            [
+                "cluster.gpus_per_node=2",
+                "generate.tensor_parallel_size=2",
+                "generate.data_parallel_size=2",
+            ],
+            "generate.tensor_parallel_size (2) x data_parallel_size (2) = 4 GPUs, but "
+            "cluster.gpus_per_node = 2",
+        ),
+        (
+            ["cluster.gpus_per_node=0", "generate.device=cuda"],
+            "generate.device=cuda but cluster.gpus_per_node = 0",
+        ),
+        (
+            ["cluster.gpus_per_node=4", "cluster.stages.train.gpus_per_node=2", "train.nproc=4"],
+            "train.nproc=4 processes per node but cluster.stages.train.gpus_per_node = 2",
+        ),
+    ],
+)
 def test_inconsistent_sections_are_refused(overrides: list[str], message: str) -> None:
     cfg = tiny(*overrides)
     with pytest.raises(ConfigError) as e:
@@ -118,7 +152,7 @@ def test_one_batch_script_per_stage_and_valid_shell() -> None:
     subprocess.run(["bash", "-n", str(cluster.SCRIPTS / "common.sh")], check=True)
     # Training: one srun task per node, node rank from SLURM, launcher per node.
     train = (cluster.SCRIPTS / "train.sbatch").read_text()
-    assert "srun --ntasks=\"$NNODES\" --ntasks-per-node=1" in train
+    assert 'srun --ntasks="$NNODES" --ntasks-per-node=1' in train
     assert "NODE_RANK=$SLURM_NODEID" in train and "scontrol show hostnames" in train
 
 
@@ -131,42 +165,60 @@ def test_train_script_maps_the_allocation_to_one_launcher_per_node(tmp_path: Pat
         "scontrol": 'printf "gpu-a01\\ngpu-a02\\n"',
         # Run the command once per task, as srun does, with that task's SLURM_NODEID.
         "srun": 'echo "srun $*" >> "$FAKE_LOG"\n'
-                'n=1; while [[ $1 == --* ]]; do [[ $1 == --ntasks=* ]] && n=${1#--ntasks=}; shift; done\n'
-                'for ((i = 0; i < n; i++)); do SLURM_NODEID=$i "$@"; done',
+        "n=1; while [[ $1 == --* ]]; do [[ $1 == --ntasks=* ]] && n=${1#--ntasks=}; shift; done\n"
+        'for ((i = 0; i < n; i++)); do SLURM_NODEID=$i "$@"; done',
         "fakepython": 'echo "rank=$NODE_RANK nnodes=$NNODES master=$MASTER_ADDR:$MASTER_PORT '
-                      'nproc=$NPROC ds=${DS_ACCELERATOR-unset} setup=${FROM_SETUP-no} '
-                      'hostfile=${HOSTFILE-unset} args=$*" >> "$FAKE_LOG"',
+        "nproc=$NPROC ds=${DS_ACCELERATOR-unset} setup=${FROM_SETUP-no} "
+        'hostfile=${HOSTFILE-unset} args=$*" >> "$FAKE_LOG"',
     }
     for name, body in fakes.items():
         (bin_dir / name).write_text(f"#!/bin/bash\n{body}\n")
         (bin_dir / name).chmod(0o755)
     log = tmp_path / "calls.log"
     env = {
-        "PATH": f"{bin_dir}:{os.environ['PATH']}", "FAKE_LOG": str(log),
-        "SLURM_JOB_NODELIST": "gpu-a[01-02]", "SLURM_JOB_NUM_NODES": "2", "SLURM_JOB_ID": "4242",
-        "SLURM_JOB_NAME": "midpo.x.train", "SLURM_CPUS_PER_TASK": "16", "SLURM_GPUS_ON_NODE": "4",
-        "SLURM_SUBMIT_DIR": str(tmp_path), "MIDPO_REPO": str(REPO),
-        "MIDPO_PYTHON": str(bin_dir / "fakepython"), "MIDPO_SETUP": "export FROM_SETUP=yes",
-        "DS_ACCELERATOR": "cpu", "HOSTFILE": "/etc/stale-hostfile",
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "FAKE_LOG": str(log),
+        "SLURM_JOB_NODELIST": "gpu-a[01-02]",
+        "SLURM_JOB_NUM_NODES": "2",
+        "SLURM_JOB_ID": "4242",
+        "SLURM_JOB_NAME": "midpo.x.train",
+        "SLURM_CPUS_PER_TASK": "16",
+        "SLURM_GPUS_ON_NODE": "4",
+        "SLURM_SUBMIT_DIR": str(tmp_path),
+        "MIDPO_REPO": str(REPO),
+        "MIDPO_PYTHON": str(bin_dir / "fakepython"),
+        "MIDPO_SETUP": "export FROM_SETUP=yes",
+        "DS_ACCELERATOR": "cpu",
+        "HOSTFILE": "/etc/stale-hostfile",
     }
-    subprocess.run(["bash", str(cluster.SCRIPTS / "train.sbatch"), "--config", "c.yaml",
-                    "train.beta=0.2"], env=env, check=True, capture_output=True)
+    subprocess.run(
+        ["bash", str(cluster.SCRIPTS / "train.sbatch"), "--config", "c.yaml", "train.beta=0.2"],
+        env=env,
+        check=True,
+        capture_output=True,
+    )
     calls = log.read_text().splitlines()
-    assert calls[0] == ("srun --ntasks=2 --ntasks-per-node=1 --cpus-per-task=16 "
-                        "--kill-on-bad-exit=1 bash -c export NODE_RANK=$SLURM_NODEID; "
-                        'exec "$0" -m stages.train "$@" ' + env["MIDPO_PYTHON"]
-                        + " --config c.yaml train.beta=0.2")
-    common = ("nnodes=2 master=gpu-a01:24242 nproc=4 ds=unset setup=yes hostfile=unset "
-              "args=-m stages.train --config c.yaml train.beta=0.2")
+    assert calls[0] == (
+        "srun --ntasks=2 --ntasks-per-node=1 --cpus-per-task=16 "
+        "--kill-on-bad-exit=1 bash -c export NODE_RANK=$SLURM_NODEID; "
+        'exec "$0" -m stages.train "$@" ' + env["MIDPO_PYTHON"] + " --config c.yaml train.beta=0.2"
+    )
+    common = (
+        "nnodes=2 master=gpu-a01:24242 nproc=4 ds=unset setup=yes hostfile=unset "
+        "args=-m stages.train --config c.yaml train.beta=0.2"
+    )
     assert calls[1:] == [f"rank=0 {common}", f"rank=1 {common}"]
 
 
-def test_submit_without_slurm_tools_says_so(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_submit_without_slurm_tools_says_so(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch anywhere
     cfg = tiny(f"root={tmp_path}", "cluster.time=00:05:00")
     with pytest.raises(cluster.ClusterError, match="`sbatch` is not on PATH"):
-        cluster.submit_chain(cfg, TINY, [f"root={tmp_path}", "cluster.time=00:05:00"],
-                             stages=["prepare"])
+        cluster.submit_chain(
+            cfg, TINY, [f"root={tmp_path}", "cluster.time=00:05:00"], stages=["prepare"]
+        )
 
 
 # -- a real SLURM and a real MLflow server -----------------------------------------------------
@@ -193,10 +245,25 @@ def local_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str
     url = f"http://127.0.0.1:{port}"
     server_log = open(root / "mlflow-server.log", "w")  # noqa: SIM115 (closed below)
     server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-         "--artifacts-destination", str(root / "mlartifacts"), "--workers", "1"],
-        stdout=server_log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--backend-store-uri",
+            f"sqlite:///{root / 'mlflow.db'}",
+            "--artifacts-destination",
+            str(root / "mlartifacts"),
+            "--workers",
+            "1",
+        ],
+        stdout=server_log,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
         env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"},
     )
     slurm = local_slurm.LocalSlurm(root / "slurm")
@@ -266,11 +333,16 @@ def _preempt_after_first_checkpoint(sub: cluster.Submission, cfg: RunConfig) -> 
 def chain(local_cluster: dict[str, str], cache_dir: Path) -> dict[str, Any]:
     """The tiny preset submitted as chained jobs and followed to the end; the train job is
     requeued (preempted) once, after its first checkpoint."""
-    overrides = [f"root={Path(local_cluster['root']) / 'runs'}", f"cache_dir={cache_dir}",
-                 "name=slurm-chain", "cluster.time=00:15:00",
-                 f"cluster.cpus_per_task={os.cpu_count() or 1}",
-                 # 24 steps with a checkpoint every 2: time to preempt it mid-training.
-                 "train.epochs=8", "train.checkpoint_every=2"]
+    overrides = [
+        f"root={Path(local_cluster['root']) / 'runs'}",
+        f"cache_dir={cache_dir}",
+        "name=slurm-chain",
+        "cluster.time=00:15:00",
+        f"cluster.cpus_per_task={os.cpu_count() or 1}",
+        # 24 steps with a checkpoint every 2: time to preempt it mid-training.
+        "train.epochs=8",
+        "train.checkpoint_every=2",
+    ]
     cfg = load_config(TINY, overrides)
     started = time.monotonic()
     sub = cluster.submit_chain(cfg, TINY, overrides, stages=chain_stages())
@@ -279,8 +351,14 @@ def chain(local_cluster: dict[str, str], cache_dir: Path) -> dict[str, Any]:
         rows = cluster.wait_chain(sub, poll_s=1.0, timeout_s=900)
     except cluster.ClusterError as e:
         pytest.fail(f"the chain failed on SLURM:\n{e}")
-    return {"cfg": cfg, "overrides": overrides, "submission": sub, "rows": rows,
-            "preempted_at": preempted_at, "seconds": time.monotonic() - started}
+    return {
+        "cfg": cfg,
+        "overrides": overrides,
+        "submission": sub,
+        "rows": rows,
+        "preempted_at": preempted_at,
+        "seconds": time.monotonic() - started,
+    }
 
 
 def sub_stages(sub: cluster.Submission) -> list[str]:
@@ -380,7 +458,7 @@ def test_failed_stage_stops_the_chain_and_names_its_log(
     assert "generate" in stages
     cfg0 = chain["cfg"]
     store = RunStore(cfg0)
-    later = stages[stages.index("generate") + 1:]
+    later = stages[stages.index("generate") + 1 :]
     before = {s: (store.stage_dir(s) / "manifest.json").stat().st_mtime_ns for s in later}
     # Same run: prepare is up to date (skips), generate fails on a model folder that is missing.
     overrides = [*chain["overrides"], f"generate.model={tmp_path / 'no-such-model'}"]
@@ -393,8 +471,11 @@ def test_failed_stage_stops_the_chain_and_names_its_log(
     assert f"stage 'generate' (job {gen.job_id}) FAILED (NonZeroExitCode), exit code 2:0" in report
     assert f"log: {gen.log}" in report
     assert "midpo generate: error:" in report and "no-such-model" in report  # the log's tail
-    assert "not run (the chain stops at a failed stage): " + ", ".join(
-        f"{j.stage} (job {j.job_id})" for j in sub.jobs[stages.index("generate") + 1:]) in report
+    assert (
+        "not run (the chain stops at a failed stage): "
+        + ", ".join(f"{j.stage} (job {j.job_id})" for j in sub.jobs[stages.index("generate") + 1 :])
+        in report
+    )
     states = {j.stage: i for j, i in cluster.chain_status(sub)}
     assert states["prepare"].state == "COMPLETED"
     for s in later:
@@ -407,11 +488,21 @@ def test_failed_stage_stops_the_chain_and_names_its_log(
     assert not set(_squeue_ids()) & {j.job_id for j in sub.jobs}
 
 
-@pytest.mark.parametrize("override, slurm_says, key", [
-    ("cluster.partition=nosuch", "Invalid partition name specified", "cluster.partition=nosuch"),
-    ("cluster.stages.score.cpus_per_task=512", "Requested node configuration is not available",
-     "cluster.stages.score.cpus_per_task=512"),
-])
+@pytest.mark.parametrize(
+    "override, slurm_says, key",
+    [
+        (
+            "cluster.partition=nosuch",
+            "Invalid partition name specified",
+            "cluster.partition=nosuch",
+        ),
+        (
+            "cluster.stages.score.cpus_per_task=512",
+            "Requested node configuration is not available",
+            "cluster.stages.score.cpus_per_task=512",
+        ),
+    ],
+)
 def test_request_slurm_rejects_is_reported_and_nothing_queued(
     local_cluster: dict[str, str], tmp_path: Path, override: str, slurm_says: str, key: str
 ) -> None:

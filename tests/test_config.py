@@ -19,8 +19,15 @@ def test_presets_load() -> None:
 
 
 def test_dotted_overrides_apply() -> None:
-    cfg = load_config(DEMO, ["train.objective=simpo", "train.beta=2.0", "generate.n=8",
-                             "train.objective_args={gamma_beta_ratio: 0.5}"])
+    cfg = load_config(
+        DEMO,
+        [
+            "train.objective=simpo",
+            "train.beta=2.0",
+            "generate.n=8",
+            "train.objective_args={gamma_beta_ratio: 0.5}",
+        ],
+    )
     assert cfg.train.objective == "simpo"
     assert cfg.train.beta == 2.0
     assert cfg.generate.n == 8

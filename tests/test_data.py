@@ -66,8 +66,10 @@ GOOD = json.dumps({"prompt": "Say hi", "chosen": "Hi!", "rejected": "Go away."})
         ('{"prompt": "p", "chosen": "a"', "invalid JSON"),
         (json.dumps({"prompt": "p", "chosen": "a"}), "field 'rejected': missing"),
         (json.dumps({"prompt": "p", "chosen": "  ", "rejected": "b"}), "field 'chosen': empty"),
-        (json.dumps({"prompt": "p", "chosen": 3, "rejected": "b"}),
-         "field 'chosen': expected a string, got int"),
+        (
+            json.dumps({"prompt": "p", "chosen": 3, "rejected": "b"}),
+            "field 'chosen': expected a string, got int",
+        ),
         (json.dumps({"prompt": "p", "chosen": "same", "rejected": "same"}), "identical"),
         (b'{"prompt": "caf\xe9", "chosen": "a", "rejected": "b"}', "undecodable text"),
         (json.dumps({"chosen": "a", "rejected": "b"}), "field 'prompt': missing"),
@@ -93,12 +95,22 @@ def test_conversational_and_parquet_formats(tmp_path: Path) -> None:
     assert rows[0]["chosen"] == "Great" and rows[0]["prompt"] == conv["prompt"]
     pq = tmp_path / "p.parquet"
     data.write_rows(pq, [{"prompt": "a", "chosen": "b", "rejected": "c"}])
-    assert data.validate_rows(data.load_records(pq), "preference", False, str(pq))[0]["chosen"] == "b"
+    assert (
+        data.validate_rows(data.load_records(pq), "preference", False, str(pq))[0]["chosen"] == "b"
+    )
 
 
 def test_user_preference_task_end_to_end(tiny_config: ConfigFactory, tmp_path: Path) -> None:
-    lines = [json.dumps({"prompt": f"Question {i}?", "chosen": f"Good answer {i}.",
-                         "rejected": f"Bad answer {i}."}) for i in range(20)]
+    lines = [
+        json.dumps(
+            {
+                "prompt": f"Question {i}?",
+                "chosen": f"Good answer {i}.",
+                "rejected": f"Bad answer {i}.",
+            }
+        )
+        for i in range(20)
+    ]
     path = _jsonl(tmp_path / "prefs.jsonl", lines + ['{"prompt": "x"}'])
     cfg = tiny_config("data.task=preference", f"data.path={path}")
     with pytest.raises(data.DataError, match=r"prefs.jsonl:21: field 'chosen': missing"):

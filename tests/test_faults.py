@@ -34,8 +34,15 @@ CHAINS = {
 
 
 def _cmd(stage: str, root: Path, cache: Path) -> list[str]:
-    return [sys.executable, "-m", f"stages.{stage}", "--config", str(TINY),
-            f"root={root}", f"cache_dir={cache}"]
+    return [
+        sys.executable,
+        "-m",
+        f"stages.{stage}",
+        "--config",
+        str(TINY),
+        f"root={root}",
+        f"cache_dir={cache}",
+    ]
 
 
 def _run(stage: str, root: Path, cache: Path) -> float:
@@ -51,8 +58,9 @@ def _outputs(root: Path, stage: str) -> dict[str, str]:
 
 
 @pytest.mark.parametrize("stage", list(CHAINS))
-def test_kill_minus_9_then_rerun_equals_uninterrupted(stage: str, tmp_path: Path,
-                                                      cache_dir: Path) -> None:
+def test_kill_minus_9_then_rerun_equals_uninterrupted(
+    stage: str, tmp_path: Path, cache_dir: Path
+) -> None:
     clean, killed = tmp_path / "clean", tmp_path / "killed"
     for upstream in CHAINS[stage]:
         _run(upstream, clean, cache_dir)
@@ -61,9 +69,13 @@ def test_kill_minus_9_then_rerun_equals_uninterrupted(stage: str, tmp_path: Path
 
     rng = random.Random(f"{stage}-kill")
     delay = rng.uniform(0.3, 0.9) * duration
-    proc = subprocess.Popen(_cmd(stage, killed, cache_dir), cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        _cmd(stage, killed, cache_dir),
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     time.sleep(delay)
     finished_first = proc.poll() is not None  # (rare: the killed run was faster)
     if not finished_first:

@@ -28,7 +28,7 @@ def test_smollm2_conversion_is_a_working_model(smollm2_dir: Path) -> None:
     prompt = models.render_prompt(tok, "What is the capital of France?")
     ids = tok(prompt, return_tensors="pt", add_special_tokens=False)
     out = model.generate(**ids, max_new_tokens=12, do_sample=False)
-    answer = tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+    answer = tok.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
     assert "Paris" in answer
     # language-model loss on a fixed sentence (a random model would be ~ln(49152) = 10.8)
     text = "The quick brown fox jumps over the lazy dog. It was a sunny day in the park."
@@ -81,7 +81,8 @@ def test_model_folder_errors(tmp_path: Path, cache_dir: Path) -> None:
         models.check_model_folder(bad)
     models.check_model_folder(bad, allow_pickle=True)
     (bad / "model.safetensors.index.json").write_text(
-        json.dumps({"weight_map": {"a": "model-00001-of-00002.safetensors"}}))
+        json.dumps({"weight_map": {"a": "model-00001-of-00002.safetensors"}})
+    )
     with pytest.raises(models.ModelError, match="missing weight shard"):
         models.check_model_folder(bad)
 

@@ -15,8 +15,9 @@ from pipeline.runstore import RunStore, StageError, atomic_write_bytes
 from tests.conftest import ConfigFactory
 
 
-def _write_stage(store: RunStore, stage: str, payload: str, inputs: tuple[str, ...] = (),
-                 force: bool = False) -> bool:
+def _write_stage(
+    store: RunStore, stage: str, payload: str, inputs: tuple[str, ...] = (), force: bool = False
+) -> bool:
     with store.stage(stage, inputs=inputs, force=force) as st:
         if st.skipped:
             return False
@@ -30,8 +31,14 @@ def test_skip_force_and_manifest(tiny_config: ConfigFactory) -> None:
     assert _write_stage(store, "prepare", "a")
     m = json.loads((store.stage_dir("prepare") / "manifest.json").read_text())
     assert m["status"] == "complete" and m["stage"] == "prepare" and m["note"] == "hello"
-    assert set(m) >= {"config_hash", "input_hashes", "outputs", "code_version", "started",
-                      "finished"}
+    assert set(m) >= {
+        "config_hash",
+        "input_hashes",
+        "outputs",
+        "code_version",
+        "started",
+        "finished",
+    }
     assert m["outputs"]["out.txt"]["size"] == 1
     assert not _write_stage(store, "prepare", "b")  # unchanged: skipped
     assert (store.stage_dir("prepare") / "out.txt").read_text() == "a"
@@ -45,7 +52,9 @@ def test_config_change_reruns_and_downstream_sees_stale(tiny_config: ConfigFacto
     assert _write_stage(store, "generate", "g", inputs=("prepare",))
     assert not _write_stage(store, "generate", "g", inputs=("prepare",))
     changed = RunStore(tiny_config("data.prompt_words=5"))
-    with pytest.raises(StageError, match=r"stage 'prepare' output .* is stale .* run `make prepare`"):
+    with pytest.raises(
+        StageError, match=r"stage 'prepare' output .* is stale .* run `make prepare`"
+    ):
         _write_stage(changed, "generate", "g", inputs=("prepare",))
     # upstream rerun with new content -> downstream input hash changes -> reruns
     _write_stage(changed, "prepare", "a2")
