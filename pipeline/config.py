@@ -220,7 +220,9 @@ class TrainConfig(Section):
     # Sort pairs by length within shuffled windows of this many global batches (less padding);
     # 1 = no bucketing beyond the global batch.
     bucket_window: int = Field(16, ge=1)
-    keep_checkpoints: int = Field(1, ge=1, description="checkpoints kept in scratch")
+    keep_checkpoints: int = Field(
+        2, ge=1, description="checkpoints kept in scratch (2: a damaged newest one falls back)"
+    )
     # Process-group timeout: must cover the longest rank-0-only work (export, MLflow logging).
     dist_timeout_minutes: float = Field(60.0, gt=0.0)
 
@@ -318,6 +320,9 @@ class RunConfig(Section):
     name: str = Field("demo", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
     root: str = "runs"
     cache_dir: str = "runs/_cache"
+    # Folders outside the project, the run root and the cache that input paths (models, data,
+    # DeepSpeed configs) may point into; anything else is refused (pipeline.config.check_paths).
+    allowed_roots: list[str] = Field(default_factory=list)
     seed: int = 0
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
@@ -441,7 +446,60 @@ def load_config(path: str | os.PathLike[str], overrides: list[str] | None = None
         raise ConfigError(_format_error(source, e)) from None
     cfg.source = str(p)
     _check_objective(cfg, source)
+    check_paths(cfg, source)
     return cfg
+
+
+# Config keys that name files or folders the pipeline reads.
+INPUT_PATH_KEYS = (
+    "model.base",
+    "data.path",
+    "data.eval_path",
+    "generate.model",
+    "score.scorer.model",
+    "score.reference_model",
+    "score.tisdpo_positive_model",
+    "score.tisdpo_negative_model",
+    "score.dice.replay_path",
+    "score.dice.policy_model",
+    "score.dice.reference_model",
+    "train.ds_config",
+    "train.init_model",
+    "train.reference_model",
+)
+PROJECT_DIR = Path(__file__).resolve().parent.parent
+
+
+def allowed_roots(cfg: RunConfig) -> list[Path]:
+    """Where input paths may resolve: the project, the working directory, the run root, the
+    cache, and the config's ``allowed_roots``."""
+    roots = [PROJECT_DIR, Path.cwd(), Path(cfg.root), Path(cfg.cache_dir)]
+    roots += [Path(r) for r in cfg.allowed_roots]
+    return [r.expanduser().resolve() for r in roots]
+
+
+def _looks_like_path(value: str) -> bool:
+    """A local path (absolute, ./ ../ ~, or existing), not a hub id like 'org/model'."""
+    return value.startswith(("/", ".", "~")) or Path(value).exists()
+
+
+def check_paths(cfg: RunConfig, source: str = "config") -> None:
+    """Refuse input paths that resolve (symlinks and .. followed) outside the allowed roots."""
+    tree = cfg.model_dump(mode="json")
+    roots = allowed_roots(cfg)
+    for key in INPUT_PATH_KEYS:
+        value: Any = tree
+        for part in key.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        if not isinstance(value, str) or not _looks_like_path(value):
+            continue
+        resolved = Path(value).expanduser().resolve()
+        if not any(resolved.is_relative_to(root) for root in roots):
+            raise ConfigError(
+                f"{source}: {key}: {value!r} resolves to {resolved}, outside the allowed roots "
+                f"({', '.join(str(r) for r in roots)}); add its folder to allowed_roots to "
+                "read it"
+            )
 
 
 def objective_kwargs(train: TrainConfig) -> dict[str, Any]:

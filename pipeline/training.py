@@ -24,6 +24,7 @@ Read top to bottom:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -1295,7 +1296,11 @@ class Trainer:
         return {"epoch": epoch, "batch_in_epoch": index, "pairs_seen": pairs}
 
     def save_checkpoint(self, step: int) -> None:
-        """Engine (model, optimizer, scheduler) + data position + RNG; then mark it complete."""
+        """Engine (model, optimizer, scheduler) + data position + RNG; then mark it complete.
+
+        The marker (``complete.json``: every file's size and sha256, hashed by the ranks in
+        parallel) is written last, so resume can tell a whole checkpoint from a damaged one.
+        """
         root, tag = self.plan.checkpoint_dir, f"step{step}"
         state = {
             "step": step,
@@ -1308,35 +1313,63 @@ class Trainer:
                 str(root / "marginal_prior"), tag=tag, save_latest=False
             )
         torch.save(_rng_state(), root / tag / f"rng_rank{self.ranks.rank}.pt")
-        distributed.barrier()  # every rank's shards are on disk before the marker says so
+        distributed.barrier()  # every rank's shards are on disk before they are hashed
+        mine = _checkpoint_files(root, tag)[self.ranks.rank :: self.ranks.world_size]
+        digests: dict[str, Any] = {}
+        for part in distributed.gather_objects({name: _file_digest(root / name) for name in mine}):
+            digests.update(part)
         if self.ranks.is_main:
+            atomic_write_json(root / tag / CHECKPOINT_MARKER, {"step": step, "files": digests})
             atomic_write_json(root / "latest.json", {"tag": tag, "step": step})
+            keep = {f"step{s}" for s in _complete_steps(root)[: self.train_cfg.keep_checkpoints]}
             for old in sorted(root.glob("step*")):
-                keep = [f"step{s}" for s in _recent_steps(root, self.train_cfg.keep_checkpoints)]
                 if old.name not in keep:
                     shutil.rmtree(old, ignore_errors=True)
                     shutil.rmtree(root / "marginal_prior" / old.name, ignore_errors=True)
         distributed.barrier()
 
     def resume(self) -> int:
-        """Load the last complete checkpoint, if any; the optimizer step to continue from."""
-        latest = read_latest(self.plan.checkpoint_dir)
-        if latest is None:
-            return 0
-        tag = latest["tag"]
-        path, state = self.engine.load_checkpoint(str(self.plan.checkpoint_dir), tag=tag)
+        """Load the newest intact checkpoint, if any; the optimizer step to continue from.
+
+        A checkpoint whose files do not match its marker (truncated, corrupt, missing) is
+        reported and set aside as ``corrupt-stepN``, and the previous one is tried.
+        """
+        root = self.plan.checkpoint_dir
+        for step in _complete_steps(root):
+            tag = f"step{step}"
+            recorded = json.loads((root / tag / CHECKPOINT_MARKER).read_text())["files"]
+            names = sorted(recorded)[self.ranks.rank :: self.ranks.world_size]
+            mine = [p for n in names if (p := _digest_problem(root, n, recorded[n]))]
+            problems = [p for part in distributed.gather_objects(mine) for p in part]
+            if not problems:
+                return self._load_checkpoint(tag)
+            if self.ranks.is_main:
+                print(
+                    f"[train] checkpoint {root / tag} is damaged ({'; '.join(problems[:3])}); "
+                    "set aside as corrupt-" + tag + ", falling back to the previous checkpoint",
+                    file=sys.stderr,
+                )
+                for folder in (root / tag, root / "marginal_prior" / tag):
+                    if folder.is_dir():
+                        aside = folder.with_name(f"corrupt-{tag}")
+                        shutil.rmtree(aside, ignore_errors=True)
+                        os.replace(folder, aside)
+            distributed.barrier()
+        return 0
+
+    def _load_checkpoint(self, tag: str) -> int:
+        root = self.plan.checkpoint_dir
+        path, state = self.engine.load_checkpoint(str(root), tag=tag)
         if path is None:
-            raise TrainingError(f"checkpoint {self.plan.checkpoint_dir / tag} could not be loaded")
+            raise TrainingError(f"checkpoint {root / tag} could not be loaded")
         if state.get("data_signature") != self.plan.data.signature():
             raise TrainingError(
                 f"checkpoint {path} was made on other training data; rerun with "
                 "--force to start over"
             )
         if self.marginal_engine is not None:
-            self.marginal_engine.load_checkpoint(
-                str(self.plan.checkpoint_dir / "marginal_prior"), tag=tag
-            )
-        rng_file = self.plan.checkpoint_dir / tag / f"rng_rank{self.ranks.rank}.pt"
+            self.marginal_engine.load_checkpoint(str(root / "marginal_prior"), tag=tag)
+        rng_file = root / tag / f"rng_rank{self.ranks.rank}.pt"
         if rng_file.is_file():
             _set_rng_state(torch.load(rng_file, weights_only=False))
         step = int(state["step"])
@@ -1346,10 +1379,7 @@ class Trainer:
                 "order (batch sizes or seed changed?); rerun with --force"
             )
         if self.ranks.is_main:
-            print(
-                f"[train] resuming from {self.plan.checkpoint_dir / tag} (step {step})",
-                file=sys.stderr,
-            )
+            print(f"[train] resuming from {root / tag} (step {step})", file=sys.stderr)
         return step
 
     # -- export --------------------------------------------------------------------------------
@@ -1448,19 +1478,52 @@ def checkpoint_dir(scratch: Path, key: dict[str, Any]) -> Path:
     return scratch / f"ckpt-{config_hash(key)}"
 
 
+CHECKPOINT_MARKER = "complete.json"
+
+
 def read_latest(root: Path) -> dict[str, Any] | None:
-    path = root / "latest.json"
+    """The newest checkpoint marked complete ({"tag", "step"}); not yet verified."""
+    steps = _complete_steps(root)
+    return {"tag": f"step{steps[0]}", "step": steps[0]} if steps else None
+
+
+def _complete_steps(root: Path) -> list[int]:
+    """Steps of the checkpoints with a completion marker, newest first."""
+    markers = root.glob(f"step*/{CHECKPOINT_MARKER}") if root.is_dir() else []
+    return sorted((int(p.parent.name[4:]) for p in markers), reverse=True)
+
+
+def _checkpoint_files(root: Path, tag: str) -> list[str]:
+    """Every file of checkpoint ``tag`` (policy engine, RNG states, marginal prior), relative."""
+    folders = [root / tag, root / "marginal_prior" / tag]
+    return sorted(
+        str(p.relative_to(root))
+        for folder in folders
+        if folder.is_dir()
+        for p in folder.rglob("*")
+        if p.is_file() and p.name != CHECKPOINT_MARKER
+    )
+
+
+def _file_digest(path: Path) -> dict[str, Any]:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            digest.update(block)
+    return {"size": path.stat().st_size, "sha256": digest.hexdigest()}
+
+
+def _digest_problem(root: Path, name: str, recorded: dict[str, Any]) -> str | None:
+    """Why checkpoint file ``name`` does not match its recorded size and hash, or None."""
+    path = root / name
     if not path.is_file():
-        return None
-    latest = json.loads(path.read_text())
-    if not (root / latest["tag"]).is_dir():
-        return None
-    return dict(latest)
-
-
-def _recent_steps(root: Path, keep: int) -> list[int]:
-    steps = sorted(int(p.name[4:]) for p in root.glob("step*") if p.name[4:].isdigit())
-    return steps[-keep:]
+        return f"{name} is missing"
+    size = path.stat().st_size
+    if size != recorded["size"]:
+        return f"{name} has {size} bytes, expected {recorded['size']}"
+    if _file_digest(path)["sha256"] != recorded["sha256"]:
+        return f"{name} does not match its sha256"
+    return None
 
 
 def _truncate_metrics(path: Path, step: int) -> None:

@@ -43,9 +43,13 @@ def tiny_config(tmp_path: Path, cache_dir: Path) -> ConfigFactory:
     """tiny_config("train.beta=0.2", ...) -> the tiny preset, run root in this test's tmp dir."""
 
     def make(*overrides: str) -> RunConfig:
-        return load_config(
-            TINY, [f"root={tmp_path / 'runs'}", f"cache_dir={cache_dir}", *overrides]
-        )
+        # Test inputs (models, data files) live in the test's tmp dir, outside the run root.
+        base = [
+            f"root={tmp_path / 'runs'}",
+            f"cache_dir={cache_dir}",
+            f"allowed_roots=[{tmp_path}]",
+        ]
+        return load_config(TINY, [*base, *overrides])
 
     return make
 

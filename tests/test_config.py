@@ -90,3 +90,36 @@ def test_cli_script_accepts_overrides(capsys: pytest.CaptureFixture[str]) -> Non
         main(["show-config", "--config", str(TINY), "train.nope=1"])
     assert e.value.code == 2
     assert "train.nope: unknown key" in capsys.readouterr().err
+
+
+def test_input_paths_are_confined_to_allowed_roots(tmp_path: Path) -> None:
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (outside / "pairs.jsonl").write_text("{}\n")
+    root = tmp_path / "runs"
+    root.mkdir()
+    base = [f"root={root}", f"cache_dir={root / '_cache'}", "data.task=preference"]
+    # Inside the run root: fine; outside it: refused, naming key, value and where it resolves.
+    (root / "pairs.jsonl").write_text("{}\n")
+    load_config(TINY, [*base, f"data.path={root / 'pairs.jsonl'}"])
+    with pytest.raises(ConfigError, match=r"data.path: '.*elsewhere/pairs.jsonl' resolves to"):
+        load_config(TINY, [*base, f"data.path={outside / 'pairs.jsonl'}"])
+    # A symlink (or ..) inside the root that leads outside it is followed and refused.
+    (root / "link").symlink_to(outside)
+    with pytest.raises(ConfigError, match=r"train.init_model: .* outside the allowed roots"):
+        load_config(
+            TINY, [*base, f"data.path={root / 'pairs.jsonl'}", f"train.init_model={root / 'link'}"]
+        )
+    with pytest.raises(ConfigError, match="score.scorer.model"):
+        load_config(
+            TINY,
+            [
+                *base,
+                f"data.path={root / 'pairs.jsonl'}",
+                "score.scorer.kind=reward_model",
+                f"score.scorer.model={root}/../elsewhere",
+            ],
+        )
+    # Named explicitly: allowed. Hub ids are not paths.
+    load_config(TINY, [*base, f"data.path={outside / 'pairs.jsonl'}", f"allowed_roots=[{outside}]"])
+    load_config(TINY, [*base, f"data.path={root / 'pairs.jsonl'}", "model.base=org/some-model"])

@@ -463,11 +463,15 @@ def test_kill_mid_epoch_then_resume_on_two_nodes(
         proc = subprocess.Popen(
             cmd, env=env, cwd=REPO, start_new_session=True, stdout=sink, stderr=subprocess.STDOUT
         )
-    try:
+    scratch = store.scratch_dir("train")
+
+    def latest_step() -> int:
+        found = list(scratch.glob("ckpt-*/latest.json"))
+        return int(json.loads(found[0].read_text())["step"]) if found else 0
+
+    try:  # kill once two checkpoints exist (steps 3 and 6, or 6 and 9)
         deadline = time.time() + 240
-        while time.time() < deadline and proc.poll() is None:
-            if list(store.scratch_dir("train").glob("ckpt-*/latest.json")):
-                break
+        while time.time() < deadline and proc.poll() is None and latest_step() < 6:
             time.sleep(0.05)
     finally:
         if proc.poll() is None:
@@ -475,8 +479,16 @@ def test_kill_mid_epoch_then_resume_on_two_nodes(
         proc.wait()
     assert proc.returncode == -signal.SIGKILL, log.read_text()[-3000:]
     assert store.complete_manifest("train") is None
-    latest = json.loads(next(store.scratch_dir("train").glob("ckpt-*/latest.json")).read_text())
-    assert latest["step"] in (3, 6, 9) and latest["step"] % 4 != 0  # inside an epoch
+    newest = latest_step()
+    assert newest in (6, 9)
+    # Damage the newest checkpoint: resume must notice, set it aside and take the one before.
+    ckpt = next(scratch.glob("ckpt-*"))
+    shard = max((ckpt / f"step{newest}").glob("*optim_states.pt"), key=lambda p: p.stat().st_size)
+    full_size = shard.stat().st_size
+    with open(shard, "r+b") as f:
+        f.truncate(full_size // 2)
+    resume_step = newest - 3
+    assert resume_step % 4 != 0  # inside an epoch
 
     # Resume as 2 nodes x 1 process over loopback: two launcher invocations, node ranks 0 and 1.
     port = distributed.free_port()
@@ -503,9 +515,12 @@ def test_kill_mid_epoch_then_resume_on_two_nodes(
     outputs = [p.communicate(timeout=300)[0] for p in nodes]
     assert [p.returncode for p in nodes] == [0, 0], "\n".join(o[-3000:] for o in outputs)
     assert "steps, final loss" in outputs[0] and "steps, final loss" not in outputs[1]
+    assert f"checkpoint {ckpt / f'step{newest}'} is damaged" in outputs[0], outputs[0][-3000:]
+    assert f"{shard.name} has {full_size // 2} bytes, expected {full_size}" in outputs[0]
+    assert (ckpt / f"corrupt-step{newest}").is_dir()
 
     m = manifest(cfg)
-    assert m["resumed_from_step"] == latest["step"]
+    assert m["resumed_from_step"] == resume_step
     assert m["world_size"] == 2 and m["nodes"] == 2
     resumed, uninterrupted = metrics(cfg), metrics(trained)
     assert [h["step"] for h in resumed] == list(range(1, 13))
