@@ -84,8 +84,8 @@ test: setup
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 lint: setup
-	$(BIN)/ruff check pipeline stages tests bench
-	$(BIN)/ruff format --check pipeline stages tests bench
+	$(BIN)/ruff check pipeline stages tests bench cluster
+	$(BIN)/ruff format --check pipeline stages tests bench cluster
 	$(BIN)/mypy pipeline
 
 check: lint test

@@ -62,7 +62,9 @@ def ensure_installed() -> None:
             f"`apt-get install -y --no-install-recommends {' '.join(PACKAGES)}`"
         )
     if shutil.which("apt-get") is None:
-        raise SlurmSetupError(f"SLURM programs {missing_programs()} are missing and there is no apt-get")
+        raise SlurmSetupError(
+            f"SLURM programs {missing_programs()} are missing and there is no apt-get"
+        )
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     install = ["apt-get", "install", "-y", "--no-install-recommends", *PACKAGES]
     policy = _run(["apt-cache", "policy", "slurmctld"], env=env)
@@ -115,7 +117,9 @@ class LocalSlurm:
         """Start the daemons; with ``owner_pid``, a watchdog stops them if that process dies
         without calling ``stop()`` (a test run killed by a timeout, say)."""
         if os.geteuid() != 0:
-            raise SlurmSetupError("a local SLURM runs its daemons as root (SlurmUser=root): run as root")
+            raise SlurmSetupError(
+                "a local SLURM runs its daemons as root (SlurmUser=root): run as root"
+            )
         ensure_installed()
         try:
             self._start_munged()
@@ -125,8 +129,18 @@ class LocalSlurm:
             self._wait_idle(timeout)
             self._save_state()
             if owner_pid is not None:
-                self._spawn("watchdog", [sys.executable, str(Path(__file__).resolve()), "watch",
-                                         "--dir", str(self.dir), "--pid", str(owner_pid)])
+                self._spawn(
+                    "watchdog",
+                    [
+                        sys.executable,
+                        str(Path(__file__).resolve()),
+                        "watch",
+                        "--dir",
+                        str(self.dir),
+                        "--pid",
+                        str(owner_pid),
+                    ],
+                )
                 self._save_state()
         except BaseException:
             self.stop()
@@ -139,8 +153,14 @@ class LocalSlurm:
 
     def _spawn(self, name: str, cmd: list[str]) -> None:
         log = open(self.dir / "log" / f"{name}.out", "ab")  # noqa: SIM115 (owned by the child)
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True, env=self.env)
+        proc = subprocess.Popen(
+            cmd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            env=self.env,
+        )
         log.close()
         self._procs[name] = proc
         self.pids[name] = proc.pid
@@ -161,17 +181,29 @@ class LocalSlurm:
         key.chmod(0o400)
         os.chown(key, munge.pw_uid, munge.pw_gid)
         m = self.munge_dir
-        self._spawn("munged", [
-            # setpriv execs munged, so the PID we keep is munged's own.
-            "setpriv", "--reuid=munge", "--regid=munge", "--init-groups",
-            "munged", "-F", f"--socket={m / 'socket'}", f"--key-file={key}",
-            f"--pid-file={m / 'munged.pid'}", f"--log-file={m / 'munged.log'}",
-            f"--seed-file={m / 'munged.seed'}",
-        ])
+        self._spawn(
+            "munged",
+            [
+                # setpriv execs munged, so the PID we keep is munged's own.
+                "setpriv",
+                "--reuid=munge",
+                "--regid=munge",
+                "--init-groups",
+                "munged",
+                "-F",
+                f"--socket={m / 'socket'}",
+                f"--key-file={key}",
+                f"--pid-file={m / 'munged.pid'}",
+                f"--log-file={m / 'munged.log'}",
+                f"--seed-file={m / 'munged.seed'}",
+            ],
+        )
         deadline = time.monotonic() + 10
         while not (m / "socket").exists():
             if self._procs["munged"].poll() is not None or time.monotonic() > deadline:
-                raise SlurmSetupError("munged did not start:\n" + _tail(self.dir / "log" / "munged.out"))
+                raise SlurmSetupError(
+                    "munged did not start:\n" + _tail(self.dir / "log" / "munged.out")
+                )
             time.sleep(0.05)
 
     def _write_conf(self) -> None:
@@ -226,9 +258,11 @@ class LocalSlurm:
                 if proc.poll() is not None:
                     raise SlurmSetupError(
                         f"{name} exited with code {proc.returncode} while starting:\n"
-                        + _tail(self.dir / "log" / f"{name}.out"))
-            out = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True,
-                                 env=self.env)
+                        + _tail(self.dir / "log" / f"{name}.out")
+                    )
+            out = subprocess.run(
+                ["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, env=self.env
+            )
             state = out.stdout.strip() or out.stderr.strip()
             if out.returncode == 0 and state in ("idle", "mixed", "allocated"):
                 return
@@ -236,7 +270,8 @@ class LocalSlurm:
         raise SlurmSetupError(
             f"the node did not become idle within {timeout:.0f} s (sinfo: {state!r}); "
             f"slurmctld log:\n{_tail(self.dir / 'log' / 'slurmctld.log')}\n"
-            f"slurmd log:\n{_tail(self.dir / 'log' / 'slurmd.log')}")
+            f"slurmd log:\n{_tail(self.dir / 'log' / 'slurmd.log')}"
+        )
 
     def _save_state(self) -> None:
         state = {"pids": self.pids, "munge_dir": str(self.munge_dir), "conf": str(self.conf)}
@@ -270,8 +305,13 @@ class LocalSlurm:
 
     def _cancel_all_jobs(self, timeout: float = 20.0) -> None:
         def job_ids() -> list[str]:
-            out = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True,
-                                 env=self.env, timeout=10)
+            out = subprocess.run(
+                ["squeue", "-h", "-o", "%i"],
+                capture_output=True,
+                text=True,
+                env=self.env,
+                timeout=10,
+            )
             return out.stdout.split() if out.returncode == 0 else []
 
         try:
@@ -342,8 +382,10 @@ def watch(workdir: str, owner_pid: int) -> None:
             s = LocalSlurm.from_state(workdir)
             s.pids.pop("watchdog", None)  # that is this process
             s.stop()
-            print(f"local_slurm watchdog: owner {owner_pid} is gone; stopped the cluster",
-                  file=sys.stderr)
+            print(
+                f"local_slurm watchdog: owner {owner_pid} is gone; stopped the cluster",
+                file=sys.stderr,
+            )
             return
         time.sleep(1.0)
 
@@ -358,11 +400,15 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if args.command == "up":
             if (Path(args.dir) / STATE_FILE).is_file():
-                raise SlurmSetupError(f"a local SLURM already runs from {args.dir}: `down` it first")
+                raise SlurmSetupError(
+                    f"a local SLURM already runs from {args.dir}: `down` it first"
+                )
             s = LocalSlurm(args.dir, args.partition)
             s.start()
-            print(f"local SLURM up: partition {s.partition} on {s.hostname}; daemons {s.pids}",
-                  file=sys.stderr)
+            print(
+                f"local SLURM up: partition {s.partition} on {s.hostname}; daemons {s.pids}",
+                file=sys.stderr,
+            )
             print(f"export SLURM_CONF={s.conf}")
         elif args.command == "watch":
             watch(args.dir, args.pid)
