@@ -190,31 +190,33 @@ class RunStore:
         started = _now()
         try:
             yield run
-        except BaseException:
+            outputs = {}
+            for f in sorted(p for p in work.rglob("*") if p.is_file()):
+                rel = f.relative_to(work).as_posix()
+                outputs[rel] = {"size": f.stat().st_size, "sha256": file_sha256(f)}
+            manifest = {
+                "stage": stage,
+                "status": "complete",
+                "run": self.cfg.name,
+                "config_hash": cfg_hash,
+                "config": stage_config(self.cfg, stage),
+                "input_hashes": input_hashes,
+                "outputs": outputs,
+                "output_hash": hashlib.sha256(
+                    json.dumps(
+                        {k: v["sha256"] for k, v in outputs.items()}, sort_keys=True
+                    ).encode()
+                ).hexdigest()[:16],
+                "code_version": code_version(),
+                "started": started,
+                "finished": _now(),
+                **run.info,
+            }
+            atomic_write_json(work / MANIFEST, manifest)
+            self._swap_into_place(work, final)
+        except BaseException:  # also a manifest or rename that fails (e.g. a full disk)
             shutil.rmtree(work, ignore_errors=True)
             raise
-        outputs = {}
-        for f in sorted(p for p in work.rglob("*") if p.is_file()):
-            rel = f.relative_to(work).as_posix()
-            outputs[rel] = {"size": f.stat().st_size, "sha256": file_sha256(f)}
-        manifest = {
-            "stage": stage,
-            "status": "complete",
-            "run": self.cfg.name,
-            "config_hash": cfg_hash,
-            "config": stage_config(self.cfg, stage),
-            "input_hashes": input_hashes,
-            "outputs": outputs,
-            "output_hash": hashlib.sha256(
-                json.dumps({k: v["sha256"] for k, v in outputs.items()}, sort_keys=True).encode()
-            ).hexdigest()[:16],
-            "code_version": code_version(),
-            "started": started,
-            "finished": _now(),
-            **run.info,
-        }
-        atomic_write_json(work / MANIFEST, manifest)
-        self._swap_into_place(work, final)
 
     @staticmethod
     def _swap_into_place(work: Path, final: Path) -> None:
