@@ -328,11 +328,11 @@ def test_deepspeed_config_auto_and_contradictions(tmp_path: Path) -> None:
         training.deepspeed_config(str(bad), cfg.train, 2)
 
 
-def test_bad_input_fails_before_any_rank_starts(pairs_root: dict[str, Any], tmp_path: Path) -> None:
+def test_bad_input_fails_before_any_rank_starts(pairs_root: dict[str, Any]) -> None:
     empty = run_with_pairs(pairs_root, "empty", rows=[])
     with pytest.raises(StageError, match=r"pairs.parquet: no training pairs"):
         run_stage(empty, "train")
-    ds = tmp_path / "ds.json"
+    ds = pairs_root["root"] / "ds.json"  # inside the run root: config paths are confined there
     ds.write_text(json.dumps({"train_batch_size": 64, "zero_optimization": {"stage": 3}}))
     contradicting = run_with_pairs(pairs_root, "contradicting", f"train.ds_config={ds}")
     with pytest.raises(ConfigError, match=r"train_batch_size is 64 but .* gives 4"):
