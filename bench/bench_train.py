@@ -161,6 +161,7 @@ def ours_worker(spec: dict[str, Any]) -> None:
         precision=spec["precision"],
         ds_config="ds_configs/zero3.json",
         gradient_checkpointing=True,
+        share_prompt=spec.get("share_prompt", True),
         token_chunk_size=1024,
         reference=spec["reference"],
         seed=0,

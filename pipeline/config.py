@@ -198,6 +198,9 @@ class TrainConfig(Section):
     precision: Literal["bf16", "fp32"] = "bf16"
     ds_config: str = "ds_configs/zero3.json"
     gradient_checkpointing: bool = True
+    # Each pair's prompt goes through the model once, shared by both responses (a 4D attention
+    # mask keeps them apart): the same log-probs, (2P + Rc + Rr) / (P + Rc + Rr) less work.
+    share_prompt: bool = True
     checkpoint_every: int = Field(50, ge=1, description="optimizer steps between checkpoints")
     token_chunk_size: int = Field(1024, ge=1)
     # The marginal prior model takes one maximum-likelihood step after every this many policy

@@ -13,7 +13,9 @@ Read top to bottom:
 3. **DeepSpeed config** (``deepspeed_config``): "auto" values filled from the run config as the
    Hugging Face integration does; an explicit value that contradicts the run config is an error.
 4. **Models** (``PolicyModule``, ``ReferenceModule``, ``PromptFreeModule``): the engines' modules.
-   Chosen and rejected go through the model as one [2B, T] batch; per-token log-probs and KL come
+   Chosen and rejected go through the model in one forward: by default each pair's prompt once,
+   followed by both responses (``pack_pairs``: a 4D mask keeps the responses apart), unpacked to
+   the usual [2B, T] layout (``decoder_outputs``); per-token log-probs and KL come
    from the objectives library's chunked statistics with the LM head *module* (ZeRO-3 gathers its
    weight). The objective (with any learnable prior parameters) lives inside the policy module.
 5. **Trainer**: the policy engine (optimizer: model group + prior group), the frozen reference
@@ -24,6 +26,7 @@ Read top to bottom:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -310,6 +313,12 @@ class MicroBatch:
     free_ids: Tensor | None = None  # [2B, Tr] responses alone (prompt-free scoring)
     free_attention_mask: Tensor | None = None
     prompt_lengths: Tensor | None = None  # [2B]
+    # Shared-prompt layout (train.share_prompt): one row per pair, prompt then chosen then
+    # rejected, each response attending to the prompt and itself only (see ``pack_pairs``).
+    packed_ids: Tensor | None = None  # [B, L]
+    packed_positions: Tensor | None = None  # [B, L] position ids (both responses start at P)
+    packed_segments: Tensor | None = None  # [B, L] 0 padding, 1 prompt, 2 chosen, 3 rejected
+    unpack_index: Tensor | None = None  # [2B, T] where each position of input_ids sits in its row
 
     @property
     def num_pairs(self) -> int:
@@ -335,6 +344,7 @@ def collate(
     ref_logps: bool = False,
     weights: bool = False,
     prompt_free: bool = False,
+    share_prompt: bool = False,
 ) -> MicroBatch:
     """Pad one micro-batch. An empty ``indices`` gives one filler pair (weight 0)."""
     real = len(indices)
@@ -388,7 +398,98 @@ def collate(
             free_attention[r, : len(resp)] = 1
         batch.free_ids, batch.free_attention_mask = free_ids, free_attention
         batch.prompt_lengths = torch.tensor(prompt_lens)
+    if share_prompt:
+        pack_pairs(batch, [data.prompts[j] for j in rows], responses, pad_id)
     return batch
+
+
+PROMPT, CHOSEN, REJECTED = 1, 2, 3  # segment ids of the shared-prompt layout (0: padding)
+# Mean |log-prob difference| per response token allowed between the shared-prompt and the
+# two-sequence forward (bf16 rounds differently for different shapes; a broken mask gives ~1).
+SHARED_PROMPT_TOLERANCE = {"fp32": 1e-3, "bf16": 5e-2}
+
+
+def pack_pairs(
+    batch: MicroBatch, prompts: list[list[int]], responses: list[list[int]], pad_id: int
+) -> None:
+    """Add the shared-prompt layout to ``batch``: each pair's prompt once, then both responses.
+
+    Row b is prompt_b + chosen_b + rejected_b; both responses take positions from P_b on, and
+    the attention mask (``shared_prompt_mask``) lets each see the prompt and itself, never the
+    other: the same numbers as two separate sequences, with the prompt computed once.
+    ``unpack_index`` maps every position of the usual [2B, T] layout to its place in the row.
+    """
+    b = len(prompts)
+    rows = []
+    for j, prompt in enumerate(prompts):
+        chosen, rejected = responses[j], responses[b + j]
+        rows.append(
+            (
+                prompt + chosen + rejected,
+                list(range(len(prompt) + len(chosen)))
+                + [len(prompt) + i for i in range(len(rejected))],
+                [PROMPT] * len(prompt) + [CHOSEN] * len(chosen) + [REJECTED] * len(rejected),
+            )
+        )
+    width = max(len(ids) for ids, _, _ in rows)
+    ids = torch.full((b, width), pad_id, dtype=torch.long)
+    positions = torch.zeros((b, width), dtype=torch.long)
+    segments = torch.zeros((b, width), dtype=torch.long)
+    for j, (row_ids, row_pos, row_seg) in enumerate(rows):
+        ids[j, : len(row_ids)] = torch.tensor(row_ids)
+        positions[j, : len(row_pos)] = torch.tensor(row_pos)
+        segments[j, : len(row_seg)] = torch.tensor(row_seg)
+    index = torch.zeros(batch.input_ids.shape, dtype=torch.long)
+    for r in range(2 * b):
+        j, p = r % b, len(prompts[r % b])
+        n = len(responses[r])
+        index[r, :p] = torch.arange(p)
+        # the rejected response sits after the chosen one in the row
+        start = p if r < b else p + len(responses[j])
+        index[r, p : p + n] = torch.arange(start, start + n)
+    batch.packed_ids, batch.packed_positions = ids, positions
+    batch.packed_segments, batch.unpack_index = segments, index
+
+
+def shared_prompt_mask(segments: Tensor, dtype: torch.dtype) -> Tensor:
+    """Additive 4D mask [B, 1, L, L]: causal, and a response sees the prompt and itself only."""
+    q, k = segments[:, :, None], segments[:, None, :]
+    width = segments.shape[1]
+    causal = torch.ones(width, width, dtype=torch.bool, device=segments.device).tril()
+    allowed = causal & (k != 0) & ((k == PROMPT) | (k == q))
+    allowed[:, :, 0] = True  # padding rows see the first token: no row is empty (no NaN)
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=segments.device)
+    return mask.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
+
+
+def decoder_outputs(lm: Any, batch: MicroBatch, hidden_states: bool = False) -> Any:
+    """The decoder's outputs in the usual [2B, T, ...] layout, from the shared-prompt layout
+    when the batch has one (``last_hidden_state``, and ``hidden_states`` when asked)."""
+    decoder = _decoder(lm)
+    if batch.packed_ids is None:
+        return decoder(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            output_hidden_states=hidden_states,
+        )
+    assert batch.packed_segments is not None and batch.unpack_index is not None
+    dtype = lm.get_input_embeddings().weight.dtype
+    out = decoder(
+        input_ids=batch.packed_ids,
+        attention_mask=shared_prompt_mask(batch.packed_segments, dtype),
+        position_ids=batch.packed_positions,
+        output_hidden_states=hidden_states,
+    )
+    pairs = batch.packed_ids.shape[0]
+    rows = (torch.arange(2 * pairs, device=batch.packed_ids.device) % pairs)[:, None]
+
+    def unpack(t: Tensor) -> Tensor:
+        return t[rows, batch.unpack_index]
+
+    out.last_hidden_state = unpack(out.last_hidden_state)
+    if hidden_states and out.hidden_states is not None:
+        out.hidden_states = tuple(unpack(h) for h in out.hidden_states)
+    return out
 
 
 # ================================================================================================
@@ -539,6 +640,23 @@ def _layer_classes(lm: nn.Module) -> list[type[nn.Module]]:
     return list({type(m) for m in lm.modules() if type(m).__name__ in names})
 
 
+def release_freed_memory() -> None:
+    """Hand memory freed while loading (full state dicts, casts) back to the OS.
+
+    glibc keeps freed heap pages mapped, so they would count in every later peak; a few hundred
+    MB for SmolLM2-135M. A no-op where libc has no ``malloc_trim``.
+    """
+    import ctypes
+    import ctypes.util
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _shift_right(hidden: Tensor) -> Tensor:
     """Position t gets the state that predicts token t (the state at t - 1)."""
     return torch.cat([torch.zeros_like(hidden[:, :1]), hidden[:, :-1]], dim=1)
@@ -617,11 +735,7 @@ class ReferenceModule(nn.Module):
         from pipeline.objectives import response_token_stats
 
         batch = MicroBatch(**fields)
-        out = _decoder(self.lm)(
-            input_ids=batch.input_ids,
-            attention_mask=batch.attention_mask,
-            output_hidden_states=hidden_layers > 1,
-        )
+        out = decoder_outputs(self.lm, batch, hidden_states=hidden_layers > 1)
         hidden = out.last_hidden_state
         result = ReferenceOutputs()
         if want_logps:
@@ -701,9 +815,7 @@ class PolicyModule(nn.Module):
 
         batch = MicroBatch(**fields)
         obj = self.objective
-        hidden = _decoder(self.lm)(
-            input_ids=batch.input_ids, attention_mask=batch.attention_mask
-        ).last_hidden_state
+        hidden = decoder_outputs(self.lm, batch).last_hidden_state
         requires: frozenset[str] = obj.requires if mode == "loss" else frozenset()
         # Optional fields (RMiPO's chosen_marginal_mask) are passed whenever the objective reads them.
         reads: frozenset[str] = obj.accepts if mode == "loss" else frozenset()
@@ -1048,6 +1160,7 @@ class Trainer:
                 config=ds,
                 lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
             )
+        release_freed_memory()
 
     def _optimizer(self, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
         offload = self.plan.ds_config.get("zero_optimization", {}).get("offload_optimizer") or {}
@@ -1082,6 +1195,7 @@ class Trainer:
             weights=data.has_weights
             and bool(self.objective.requires & {"chosen_weights", "rejected_weights"}),
             prompt_free=self.marginal_source is not None,
+            share_prompt=self.train_cfg.share_prompt,
         )
         return batch.to(self.device)
 
@@ -1104,12 +1218,38 @@ class Trainer:
             out: tuple[Tensor, Tensor] = self.marginal_engine(batch.as_dict())
         return out
 
+    def check_shared_prompt(self) -> None:
+        """The shared-prompt forward must give the two-sequence forward's log-probs.
+
+        A model whose attention ignores custom 4D masks (e.g. flash-attention-2) would let the
+        rejected response see the chosen one; this catches it before any step.
+        """
+        batch = self._micro_batch(list(range(min(2, len(self.plan.data)))), filler=0)
+        separate = dataclasses.replace(batch, packed_ids=None)
+        self.engine.eval()
+        with torch.no_grad():
+            shared_logps = self.engine(batch.as_dict(), mode="logps")
+            separate_logps = self.engine(separate.as_dict(), mode="logps")
+        self.engine.empty_partition_cache()  # no-grad passes can leave blocks gathered
+        self.engine.train()
+        mask = batch.response_mask
+        diff = float(((shared_logps - separate_logps).abs() * mask).sum() / mask.sum())
+        limit = SHARED_PROMPT_TOLERANCE[self.train_cfg.precision]
+        if diff > limit:
+            raise TrainingError(
+                f"train.share_prompt: this model's shared-prompt forward differs from two "
+                f"separate sequences by {diff:.3g} nats per token (limit {limit}); its attention "
+                "probably ignores custom 4D masks. Set train.share_prompt=false"
+            )
+
     # -- the loop ------------------------------------------------------------------------------
     def fit(self) -> TrainResult:
         plan, t = self.plan, self.train_cfg
         total = plan.total_steps
         accum, world, rank = t.gradient_accumulation_steps, self.ranks.world_size, self.ranks.rank
         start = self.resume()
+        if t.share_prompt:
+            self.check_shared_prompt()
         metrics_path = plan.checkpoint_dir / "metrics.jsonl"
         main = self.ranks.is_main
         if main:
@@ -1401,6 +1541,7 @@ class Trainer:
         self.engine.eval()
         with torch.no_grad():
             token_logps = self.engine(batch.as_dict(), mode="logps")
+        self.engine.empty_partition_cache()  # no-grad passes can leave blocks gathered
         self.engine.train()
         sums = (token_logps * batch.response_mask).sum(dim=1).double().cpu()
         return batch.pair_ids, sums

@@ -265,6 +265,56 @@ def test_policy_module_feeds_rmipo_the_prompt_free_mask() -> None:
     assert float(loss) == pytest.approx(sum(expected) / 2, abs=1e-5)
 
 
+def test_shared_prompt_layout_gives_the_separate_sequences_loss_and_gradients() -> None:
+    """Each prompt once, both responses after it (4D mask, shared positions): the per-token
+    log-probs, the loss and every gradient equal the two-sequence forward's (fp32)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from pipeline.objectives import make_objective
+
+    torch.manual_seed(0)
+    lm = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=50,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+        )
+    )
+    data = training.PairData(
+        pair_ids=["a", "b", "c"],
+        prompts=[[1, 2, 3], [4, 5], [7, 8, 9, 10, 11]],
+        chosen=[[6, 7, 8, 9], [10, 11, 12], [3]],
+        rejected=[[13, 14], [15, 16, 17, 18, 19], [20, 21, 22]],
+    )
+    module = training.PolicyModule(lm, make_objective("dpo", beta=0.5), chunk_size=8)
+    results = {}
+    for share in (False, True):
+        batch = training.collate(data, [0, 1, 2], 0, pad_id=0, share_prompt=share)
+        assert (batch.packed_ids is not None) == share
+        lm.zero_grad()
+        with torch.no_grad():
+            logps = module(batch.as_dict(), mode="logps")
+        fields = batch.as_dict()
+        # a reference that differs from the policy, so the loss has a real gradient
+        fields["ref_logps"] = (logps - 0.3 * torch.arange(6.0)[:, None]) * batch.response_mask
+        loss = module(fields)["loss"]
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in lm.named_parameters() if p.grad is not None}
+        results[share] = (logps, loss.detach(), grads)
+    (sep_logps, sep_loss, sep_grads), (sh_logps, sh_loss, sh_grads) = results[False], results[True]
+    assert batch.packed_ids is not None and batch.packed_ids.shape[1] == 2 + 3 + 5  # pair b
+    torch.testing.assert_close(sh_logps, sep_logps, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(sh_loss, sep_loss, atol=1e-6, rtol=1e-6)
+    assert sep_grads.keys() == sh_grads.keys() and len(sep_grads) > 0
+    for name, grad in sep_grads.items():
+        torch.testing.assert_close(sh_grads[name], grad, atol=1e-6, rtol=1e-4, msg=name)
+
+
 def test_epoch_order_is_deterministic_complete_and_bucketed() -> None:
     lengths = [random.Random(i).randint(5, 60) for i in range(37)]
     batches = training.epoch_batches(lengths, 8, seed=3, epoch=1, bucket_window=4)
