@@ -206,6 +206,24 @@ def test_load_pairs_counts_truncation_and_rejects_bad_rows(
         training.load_pairs(path, max_length=64, max_prompt_length=32)
 
 
+def random_llama() -> Any:
+    """A 2-layer Llama with random weights (seed 0) over a 50-token vocabulary, in fp32."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=50,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    return LlamaForCausalLM(config)
+
+
 def test_policy_module_feeds_rmipo_the_prompt_free_mask() -> None:
     """RMiPO in training equals a float64 re-computation from the model's own log-probs.
 
@@ -213,22 +231,10 @@ def test_policy_module_feeds_rmipo_the_prompt_free_mask() -> None:
     position out (through chosen/rejected_marginal_mask), not average a zero into it.
     """
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     from pipeline.objectives import make_objective
 
-    torch.manual_seed(0)
-    lm = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=50,
-            hidden_size=16,
-            intermediate_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            num_key_value_heads=2,
-            max_position_embeddings=64,
-        )
-    ).eval()
+    lm = random_llama().eval()
     data = training.PairData(
         pair_ids=["a", "b"],
         prompts=[[1, 2, 3], [4, 5]],
@@ -269,22 +275,10 @@ def test_shared_prompt_layout_gives_the_separate_sequences_loss_and_gradients() 
     """Each prompt once, both responses after it (4D mask, shared positions): the per-token
     log-probs, the loss and every gradient equal the two-sequence forward's (fp32)."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     from pipeline.objectives import make_objective
 
-    torch.manual_seed(0)
-    lm = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=50,
-            hidden_size=16,
-            intermediate_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            num_key_value_heads=2,
-            max_position_embeddings=64,
-        )
-    )
+    lm = random_llama()
     data = training.PairData(
         pair_ids=["a", "b", "c"],
         prompts=[[1, 2, 3], [4, 5], [7, 8, 9, 10, 11]],
