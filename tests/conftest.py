@@ -66,3 +66,72 @@ def tiny_prepared(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> 
     cfg = load_config(TINY, [f"root={root / 'runs'}", f"cache_dir={cache_dir}"])
     run_stage(cfg, "prepare")
     return cfg
+
+
+# -- a loopback `mlflow server` (promote's server mode, the SLURM chain) -----------------------
+
+
+class MlflowServer:
+    """`mlflow server` on 127.0.0.1 (sqlite + artifact folder under ``root``); ``stop()`` ends it."""
+
+    def __init__(self, root: Path) -> None:
+        import subprocess
+        import sys
+
+        from pipeline.distributed import free_port
+
+        self.url = f"http://127.0.0.1:{free_port()}"
+        self.log_path = root / "mlflow-server.log"
+        self._log = open(self.log_path, "w")  # noqa: SIM115 (closed by stop)
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "mlflow",
+                "server",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                self.url.rsplit(":", 1)[1],
+                "--backend-store-uri",
+                f"sqlite:///{root / 'mlflow.db'}",
+                "--artifacts-destination",
+                str(root / "mlartifacts"),
+                "--workers",
+                "1",
+            ],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"},
+        )
+
+    def wait_healthy(self, timeout_s: float = 120.0) -> None:
+        """Until /health answers (about 13 s here); fails the test if the server dies first."""
+        import time
+        import urllib.request
+
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if self.proc.poll() is not None:
+                pytest.fail(f"mlflow server exited:\n{self.log_path.read_text()[-2000:]}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"mlflow server did not become healthy in {timeout_s:.0f} s")
+            time.sleep(0.5)
+
+    def stop(self) -> None:
+        import subprocess
+
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self._log.close()

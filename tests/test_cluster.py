@@ -12,9 +12,7 @@ import importlib.util
 import json
 import os
 import subprocess
-import sys
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,7 +22,9 @@ import pytest
 from pipeline import cluster
 from pipeline.config import STAGES, ConfigError, RunConfig, load_config
 from pipeline.data import read_rows
+from pipeline.distributed import free_port
 from pipeline.runstore import RunStore
+from tests.conftest import MlflowServer
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = REPO / "configs" / "tiny.yaml"
@@ -224,14 +224,6 @@ def test_submit_without_slurm_tools_says_so(
 # -- a real SLURM and a real MLflow server -----------------------------------------------------
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def local_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     """A one-node SLURM and an `mlflow server` (sqlite + artifact root), both stopped at the end.
@@ -241,31 +233,8 @@ def local_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str
     if os.geteuid() != 0:
         pytest.skip("a local SLURM runs slurmctld/slurmd as root: run the tests as root")
     root = tmp_path_factory.mktemp("cluster")
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    server_log = open(root / "mlflow-server.log", "w")  # noqa: SIM115 (closed below)
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "mlflow",
-            "server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--backend-store-uri",
-            f"sqlite:///{root / 'mlflow.db'}",
-            "--artifacts-destination",
-            str(root / "mlartifacts"),
-            "--workers",
-            "1",
-        ],
-        stdout=server_log,
-        stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL,
-        env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"},
-    )
+    server = MlflowServer(root)  # warms up while SLURM starts
+    url = server.url
     slurm = local_slurm.LocalSlurm(root / "slurm")
     saved = {k: os.environ.get(k) for k in ("SLURM_CONF", "MLFLOW_TRACKING_URI")}
     try:
@@ -274,33 +243,15 @@ def local_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str
             slurm.start(owner_pid=os.getpid())
         except local_slurm.SlurmSetupError as e:
             pytest.fail(f"the local SLURM did not start: {e}")
-        slurm.adopt("mlflow-server", server.pid)
-        deadline = time.monotonic() + 120
-        while True:
-            if server.poll() is not None:
-                pytest.fail("mlflow server exited:\n" + (root / "mlflow-server.log").read_text())
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail("mlflow server did not become healthy in 120 s")
-            time.sleep(0.5)
+        slurm.adopt("mlflow-server", server.proc.pid)
+        server.wait_healthy(120)
         # Clients need SLURM_CONF; jobs inherit it and MLFLOW_TRACKING_URI (sbatch --export=ALL).
         os.environ["SLURM_CONF"] = str(slurm.conf)
         os.environ["MLFLOW_TRACKING_URI"] = url
         yield {"mlflow": url, "slurm_conf": str(slurm.conf), "root": str(root)}
     finally:
         slurm.stop()  # jobs, slurmd, slurmctld, munged, then the server
-        server.terminate()
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
-        server_log.close()
+        server.stop()
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
@@ -520,7 +471,7 @@ def test_request_slurm_rejects_is_reported_and_nothing_queued(
 def test_unreachable_tracking_server_refuses_to_submit(
     local_cluster: dict[str, str], tmp_path: Path
 ) -> None:
-    url = f"http://127.0.0.1:{_free_port()}"
+    url = f"http://127.0.0.1:{free_port()}"
     overrides = [f"root={tmp_path}", "cluster.time=00:05:00", f"tracking.uri={url}"]
     with pytest.raises(cluster.ClusterError, match=f"MLflow tracking server {url} is unreachable"):
         cluster.submit_chain(load_config(TINY, overrides), TINY, overrides, stages=["prepare"])

@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,9 +20,10 @@ import pytest
 
 from pipeline import registry, tracking
 from pipeline.config import GateConfig, RunConfig
+from pipeline.distributed import free_port
 from pipeline.models import make_tiny_model
 from pipeline.runstore import RunStore, StageError, atomic_write_json
-from tests.conftest import REPO, TINY, ConfigFactory, run_stage
+from tests.conftest import REPO, TINY, ConfigFactory, MlflowServer, run_stage
 
 TEXTS = [
     "a fine film with a warm heart",
@@ -283,12 +282,6 @@ def _waits_on_lock(proc: subprocess.Popen[str]) -> bool:
 
 
 # -- tracking server ----------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def test_unreachable_server_fails_fast(
     tiny_config: ConfigFactory, policies: list[Path], capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -296,7 +289,7 @@ def test_unreachable_server_fails_fast(
 
     cfg = tiny_config("name=offline")
     fake_upstream(cfg, policies[0], reward=0.5)
-    url = f"http://127.0.0.1:{_free_port()}"
+    url = f"http://127.0.0.1:{free_port()}"
     started = time.monotonic()
     with pytest.raises(SystemExit) as exit_info:
         promote.main(
@@ -317,53 +310,12 @@ def test_unreachable_server_fails_fast(
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """One `mlflow server` on loopback for this module (about 13 s to healthy)."""
-    root = tmp_path_factory.mktemp("mlflow-server")
-    port = _free_port()
-    log = open(root / "server.log", "w")
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "mlflow",
-            "server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--backend-store-uri",
-            f"sqlite:///{root / 'server.db'}",
-            "--artifacts-destination",
-            str(root / "artifacts"),
-            "--workers",
-            "1",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"},
-    )
-    url = f"http://127.0.0.1:{port}"
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow-server"))
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"mlflow server exited: {(root / 'server.log').read_text()[-2000:]}")
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail("mlflow server did not become healthy in 90 s")
-            time.sleep(0.5)
-        yield url
+        server.wait_healthy(90)
+        yield server.url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+        server.stop()
 
 
 def test_promote_against_a_tracking_server(
