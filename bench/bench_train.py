@@ -7,11 +7,15 @@ precision, same CPU threads in total. Each configuration runs in fresh processes
 speed comes from the steps after a warm-up step, memory from each process's peak RSS (per rank
 and summed over ranks). Measured:
 
-- ours (ZeRO-3, chunked log-probs, length bucketing) with precomputed vs live reference,
-  bf16 vs fp32, 2 processes vs 1;
+- ours (ZeRO-3 with transformer blocks as leaves, chunked log-probs, length bucketing, each
+  prompt computed once for both responses) with precomputed vs live reference, bf16 vs fp32,
+  2 processes vs 1, shared prompt vs separate sequences;
 - TRL's DPOTrainer (live reference, its default; installed at bench time into a bench-only
   folder with ``pip install --no-deps --target``, never a project dependency);
 - model FLOPs utilisation against this machine's measured matmul peak (bf16 and fp32).
+
+Tokens are counted the same way for both trainers: both sequences of every pair, the prompt
+twice (the shared-prompt layout does less work for the same tokens; that is its gain).
 
 Model FLOPs per token: 6 x params for the policy (forward + backward) + 2 x params for a live
 reference forward; recomputation from gradient checkpointing is not counted (MFU convention).
@@ -396,6 +400,12 @@ def main() -> None:
             ("ours", "bf16 live ref, 2 procs", {"precision": "bf16", "reference": "live"}, 2),
             ("ours", "bf16 precomputed ref, 1 proc", {"precision": "bf16", "reference": "auto"}, 1),
             ("ours", "bf16 live ref, 1 proc", {"precision": "bf16", "reference": "live"}, 1),
+            (
+                "ours",
+                "bf16 precomputed ref, 1 proc, separate seqs",
+                {"precision": "bf16", "reference": "auto", "share_prompt": False},
+                1,
+            ),
             ("trl", "TRL DPOTrainer bf16 (live ref)", {"precision": "bf16"}, 1),
         ]
         if not a.quick:
@@ -482,6 +492,11 @@ def report(results: dict[str, dict[str, Any]]) -> None:
         "bf16 vs fp32 (precomputed ref, 2 procs)",
         "bf16 precomputed ref, 2 procs",
         "fp32 precomputed ref, 2 procs",
+    )
+    line(
+        "shared prompt vs separate sequences (bf16, 1 proc)",
+        "bf16 precomputed ref, 1 proc",
+        "bf16 precomputed ref, 1 proc, separate seqs",
     )
     line(
         "ZeRO-3 2 procs vs 1 (bf16, precomputed ref)",
