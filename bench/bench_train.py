@@ -215,6 +215,7 @@ def ours_worker(spec: dict[str, Any]) -> None:
         )
     trainer.close()
     distributed.teardown()
+    distributed.exit_rank(0)
 
 
 def trl_worker(spec: dict[str, Any]) -> None:

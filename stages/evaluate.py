@@ -296,8 +296,11 @@ def _sample(
 
     def save_chunk(c: int, chunk: list[dict[str, Any]]) -> None:
         tmp = path(c).with_suffix(f".tmp-{os.getpid()}")  # the baseline cache is shared
-        data.write_rows(tmp, chunk)
-        tmp.replace(path(c))
+        try:
+            data.write_rows(tmp, chunk)
+            tmp.replace(path(c))
+        finally:
+            tmp.unlink(missing_ok=True)  # a failed write (full disk) leaves nothing behind
 
     from tqdm import tqdm
 

@@ -59,10 +59,23 @@ def launch(cfg: RunConfig, store: RunStore, force: bool) -> None:
     code = distributed.launch("stages.train", args, plan)
     if code != 0:
         print(
-            f"midpo train: error: training failed (launcher exit code {code}); see above",
+            f"midpo train: error: training failed ({_exit_reason(code)}); see above",
             file=sys.stderr,
         )
         raise SystemExit(code)
+
+
+def _exit_reason(code: int) -> str:
+    """The launcher's exit code in words: a rank killed by a signal shows as 256 - signal (the
+    launcher exits with the rank's negative return code) or as 128 + signal (a shell)."""
+    import signal
+
+    for number in (256 - code, code - 128):
+        if 0 < number < signal.NSIG and code > 128:
+            name = signal.Signals(number).name if number in signal.valid_signals() else str(number)
+            hint = " (out of memory, or killed)" if name == "SIGKILL" else ""
+            return f"a rank was killed by {name}{hint}; launcher exit code {code}"
+    return f"launcher exit code {code}"
 
 
 def train_rank(cfg: RunConfig, store: RunStore, force: bool) -> None:
@@ -176,6 +189,7 @@ def _summary(
 def run(cfg: RunConfig, store: RunStore, force: bool = False) -> None:
     if distributed.under_launcher():
         train_rank(cfg, store, force)
+        distributed.exit_rank(0)  # finished and torn down: no exit-time abort can fail it now
     else:
         launch(cfg, store, force)
 

@@ -114,6 +114,9 @@ def _worker() -> None:
     print(f"rank {dist.get_rank()} ZERO3-OK", flush=True)
     dist.barrier()
     dist.destroy_process_group()
+    from pipeline.distributed import exit_rank
+
+    exit_rank(0)
 
 
 if __name__ == "__main__":

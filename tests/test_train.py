@@ -774,6 +774,7 @@ def _sweep_worker(root: str, cache: str, name: str, out: str) -> None:
     if ranks.is_main:
         Path(out).write_text(json.dumps(report))
     distributed.teardown()
+    distributed.exit_rank(0)
 
 
 if __name__ == "__main__":
