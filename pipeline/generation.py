@@ -16,6 +16,7 @@ Log-probs are the model's raw distribution (before temperature / top-p), vLLM's 
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import os
 import sys
@@ -372,6 +373,11 @@ def release_vllm_engine() -> None:
         shutdown()
     del llm
     gc.collect()
+
+
+# An engine still alive at interpreter shutdown sometimes aborts the process there ("terminate
+# called without an active exception", after the stage finished): shut it down first.
+atexit.register(release_vllm_engine)
 
 
 class VLLMSampler:

@@ -412,7 +412,11 @@ def test_failed_stage_stops_the_chain_and_names_its_log(
     later = stages[stages.index("generate") + 1 :]
     before = {s: (store.stage_dir(s) / "manifest.json").stat().st_mtime_ns for s in later}
     # Same run: prepare is up to date (skips), generate fails on a model folder that is missing.
-    overrides = [*chain["overrides"], f"generate.model={tmp_path / 'no-such-model'}"]
+    overrides = [
+        *chain["overrides"],
+        f"allowed_roots=[{tmp_path}]",
+        f"generate.model={tmp_path / 'no-such-model'}",
+    ]
     cfg = load_config(TINY, overrides)
     sub = cluster.submit_chain(cfg, TINY, overrides, stages=stages, echo=False)
     with pytest.raises(cluster.ClusterError) as e:

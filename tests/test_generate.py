@@ -300,6 +300,7 @@ def test_cli_reports_a_missing_model_in_one_line(
             str(TINY),
             f"root={cfg.root}",
             f"cache_dir={cfg.cache_dir}",
+            f"allowed_roots=[{tmp_path}]",
             f"generate.model={tmp_path / 'gone'}",
         ],
         cwd=REPO,
