@@ -15,6 +15,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
+from typing import NoReturn
 
 from pipeline.config import STAGES, ConfigError, RunConfig, load_config
 from pipeline.runstore import RunStore, StageError
@@ -126,6 +127,23 @@ def stage_main(stage: str, run: StageFn, argv: list[str] | None = None) -> None:
         # folder and models build in a temp folder removed on failure.
         print(_disk_error_line(stage, e, code, cfg), file=sys.stderr)
         sys.exit(2)
+    if argv is None:  # a command-line run (not a call from Python): the process ends here
+        exit_cleanly(0)
+
+
+def exit_cleanly(code: int = 0) -> NoReturn:
+    """End a finished stage process without interpreter teardown (everything is written).
+
+    Native threads that vLLM engines leave behind (two engines one after another in one
+    process) abort in their destructors at teardown ("terminate called without an active
+    exception", exit 134), which would turn a finished stage into a failed one.
+    """
+    generation = sys.modules.get("pipeline.generation")
+    if generation is not None:
+        generation.release_vllm_engine()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -152,3 +170,4 @@ def main(argv: list[str] | None = None) -> None:
         return
     module = importlib.import_module(f"stages.{command}")
     module.main(rest)
+    exit_cleanly(0)

@@ -329,6 +329,9 @@ if __name__ == "__main__":
     run_stage(cfg, "generate", force=True)  # same engine, same seeds: the same samples?
     (cfg.run_dir / "first_generate_outputs.json").write_text(json.dumps(first))
     run_stage(cfg, "score")
+    from pipeline.cli import exit_cleanly
+
+    exit_cleanly(0)  # as `python -m stages.<stage>` ends
 """
 
 
