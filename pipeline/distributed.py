@@ -336,11 +336,24 @@ def teardown(clean: bool = True) -> None:
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
+        rank = dist.get_rank()
         try:
             if clean:
                 dist.barrier()
         finally:
             dist.destroy_process_group()
+            _remove_shm_buffer(rank)
+
+
+def _remove_shm_buffer(rank: int) -> None:
+    """Unlink this rank's DeepSpeed CPU all-reduce buffer (/dev/shm, 66 MB a rank).
+
+    DeepSpeed's CPU comm op creates it per job, named by MASTER_ADDR, MASTER_PORT and rank, and
+    never removes it: /dev/shm is memory, and each job would leak it until the machine runs out.
+    """
+    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    for path in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{addr}_{port}_{rank}"):
+        path.unlink(missing_ok=True)
 
 
 def exit_rank(code: int = 0) -> None:
