@@ -1537,7 +1537,9 @@ class Trainer:
         """Sequence log-probs of the first pairs under the engine (the export check's yardstick)."""
         data = self.plan.data
         indices = list(range(min(count, len(data))))
-        batch = self._micro_batch(indices, filler=0)
+        # Separate sequences, as the reload check computes them: in bf16 the shared-prompt
+        # layout rounds differently (that layout is checked against this one before training).
+        batch = dataclasses.replace(self._micro_batch(indices, filler=0), packed_ids=None)
         self.engine.eval()
         with torch.no_grad():
             token_logps = self.engine(batch.as_dict(), mode="logps")
