@@ -149,6 +149,7 @@ def ours_worker(spec: dict[str, Any]) -> None:
     import torch
 
     from pipeline import distributed, training
+    from pipeline.cli import exit_cleanly
     from pipeline.config import TrainConfig
     from pipeline.objectives import make_objective
 
@@ -215,7 +216,7 @@ def ours_worker(spec: dict[str, Any]) -> None:
         )
     trainer.close()
     distributed.teardown()
-    distributed.exit_rank(0)
+    exit_cleanly(0)
 
 
 def trl_worker(spec: dict[str, Any]) -> None:

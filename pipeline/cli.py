@@ -132,11 +132,11 @@ def stage_main(stage: str, run: StageFn, argv: list[str] | None = None) -> None:
 
 
 def exit_cleanly(code: int = 0) -> NoReturn:
-    """End a finished stage process without interpreter teardown (everything is written).
+    """End a finished stage or rank process without interpreter teardown (all is written).
 
-    Native threads that vLLM engines leave behind (two engines one after another in one
-    process) abort in their destructors at teardown ("terminate called without an active
-    exception", exit 134), which would turn a finished stage into a failed one.
+    Native threads that vLLM engines (two one after another in one process) and gloo leave
+    behind abort in their destructors at teardown ("terminate called without an active
+    exception", exit 134/250), which would turn a finished job into a failed one.
     """
     generation = sys.modules.get("pipeline.generation")
     if generation is not None:

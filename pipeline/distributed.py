@@ -356,18 +356,6 @@ def _remove_shm_buffer(rank: int) -> None:
         path.unlink(missing_ok=True)
 
 
-def exit_rank(code: int = 0) -> None:
-    """End a rank process now, after ``teardown``: flush stdio and skip interpreter shutdown.
-
-    Even after a clean barrier and destroy_process_group, gloo's and DeepSpeed's threads
-    sometimes abort in static destructors ("terminate called without an active exception",
-    exit 250), turning a finished job into a failed one. Every output is written by then.
-    """
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
-
-
 def broadcast_object(obj: Any, src: int = 0) -> Any:
     """``obj`` from rank ``src`` on every rank (picklable objects only)."""
     import torch.distributed as dist

@@ -189,7 +189,6 @@ def _summary(
 def run(cfg: RunConfig, store: RunStore, force: bool = False) -> None:
     if distributed.under_launcher():
         train_rank(cfg, store, force)
-        distributed.exit_rank(0)  # finished and torn down: no exit-time abort can fail it now
     else:
         launch(cfg, store, force)
 

@@ -114,9 +114,9 @@ def _worker() -> None:
     print(f"rank {dist.get_rank()} ZERO3-OK", flush=True)
     dist.barrier()
     dist.destroy_process_group()
-    from pipeline.distributed import exit_rank
+    from pipeline.cli import exit_cleanly
 
-    exit_rank(0)
+    exit_cleanly(0)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ from typing import Any
 import pytest
 
 from pipeline import distributed, training
+from pipeline.cli import exit_cleanly
 from pipeline.config import ConfigError, RunConfig, load_config
 from pipeline.data import DataError, read_rows, write_rows
 from pipeline.runstore import RunStore, StageError
@@ -774,7 +775,7 @@ def _sweep_worker(root: str, cache: str, name: str, out: str) -> None:
     if ranks.is_main:
         Path(out).write_text(json.dumps(report))
     distributed.teardown()
-    distributed.exit_rank(0)
+    exit_cleanly(0)
 
 
 if __name__ == "__main__":
