@@ -508,6 +508,12 @@ def find_ds_config(path: str) -> Path:
     raise ConfigError(f"train.ds_config: DeepSpeed config {path} not found")
 
 
+# Floor for the "auto" ZeRO bucket sizes (elements). The Hugging Face fill (hidden², 0.9·hidden²)
+# gives a small model (SmolLM2: 576² = 0.33M) hundreds of tiny collectives a step, each one a sync
+# point between ranks; 1e7 (20 MB in bf16) leaves models with hidden size >= 3163 unchanged.
+MIN_BUCKET_ELEMENTS = 10_000_000
+
+
 def deepspeed_config(
     path: str, train: TrainConfig, world_size: int, hidden_size: int | None = None
 ) -> dict[str, Any]:
@@ -583,10 +589,11 @@ def deepspeed_config(
     stage = zero.get("stage", 0)
     if stage not in (0, 1, 2, 3):
         errors.append(f"{file}: zero_optimization.stage is {stage!r}; expected 0, 1, 2 or 3")
+    hidden = hidden_size or 1024
     for key, value in (
-        ("reduce_bucket_size", (hidden_size or 1024) ** 2),
-        ("stage3_prefetch_bucket_size", int(0.9 * (hidden_size or 1024) ** 2)),
-        ("stage3_param_persistence_threshold", 10 * (hidden_size or 1024)),
+        ("reduce_bucket_size", max(hidden**2, MIN_BUCKET_ELEMENTS)),
+        ("stage3_prefetch_bucket_size", max(int(0.9 * hidden**2), MIN_BUCKET_ELEMENTS)),
+        ("stage3_param_persistence_threshold", 10 * hidden),
     ):
         if zero.get(key) == "auto":
             zero[key] = value

@@ -346,7 +346,12 @@ def test_deepspeed_config_auto_and_contradictions(tmp_path: Path) -> None:
     assert ds["train_micro_batch_size_per_gpu"] == 2 and ds["gradient_accumulation_steps"] == 3
     assert ds["train_batch_size"] == 12 and ds["bf16"]["enabled"] is False
     assert ds["zero_optimization"]["stage"] == 3
-    assert ds["zero_optimization"]["reduce_bucket_size"] == 64 * 64
+    # Bucket sizes: hidden² as in the Hugging Face integration, never below the floor.
+    zero = ds["zero_optimization"]
+    assert zero["reduce_bucket_size"] == zero["stage3_prefetch_bucket_size"] == 10_000_000
+    big = training.deepspeed_config("ds_configs/zero3.json", cfg.train, 2, hidden_size=4096)
+    assert big["zero_optimization"]["reduce_bucket_size"] == 4096**2
+    assert big["zero_optimization"]["stage3_prefetch_bucket_size"] == int(0.9 * 4096**2)
     for name in ("zero3_offload.json", "zero2.json"):
         training.deepspeed_config(f"ds_configs/{name}", cfg.train, 2, hidden_size=64)
 
