@@ -324,6 +324,14 @@ def init_process_group(timeout_minutes: float = 60.0) -> Ranks:
         dist_backend=accelerator.communication_backend_name(),
         timeout=_dt.timedelta(minutes=timeout_minutes),
     )
+    if accelerator.device_name() == "cpu":
+        # DeepSpeed's CPU comm op has each rank create a /dev/shm buffer and map every peer's
+        # during init. Once all ranks are past init the names are no longer needed: unlink
+        # them now, so a killed job leaks nothing (the mappings live until the process ends).
+        import torch.distributed as dist
+
+        dist.barrier()
+        _remove_shm_buffer(ranks.rank)
     return ranks
 
 
@@ -336,13 +344,11 @@ def teardown(clean: bool = True) -> None:
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
-        rank = dist.get_rank()
         try:
             if clean:
                 dist.barrier()
         finally:
             dist.destroy_process_group()
-            _remove_shm_buffer(rank)
 
 
 def _remove_shm_buffer(rank: int) -> None:

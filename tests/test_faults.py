@@ -254,6 +254,10 @@ def test_kill_one_rank_fails_the_job_then_rerun_resumes(
                 p.suspend()
         assert sorted(ranks) == [0, 1] and proc.poll() is None, log.read_text()[-5000:]
         assert 2 <= latest_step() < 12 and store.complete_manifest("train") is None
+        # DeepSpeed's CPU comm op buffers (66 MB of /dev/shm a rank) are unlinked once every
+        # rank is past init, so a killed job cannot leak them.
+        port = ranks[0].environ()["MASTER_PORT"]
+        assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
         ranks[victim].kill()
         ranks[1 - victim].resume()
         code = proc.wait(timeout=180)  # no hang: a surviving rank must not keep the job alive
