@@ -12,7 +12,8 @@ and summed over ranks). Measured:
   2 processes vs 1, shared prompt vs separate sequences, and ZeRO-2 (``ds_configs/zero2.json``)
   vs ZeRO-3 on 2 processes;
 - TRL's DPOTrainer (live reference, its default; installed at bench time into a bench-only
-  folder with ``pip install --no-deps --target``, never a project dependency);
+  folder with ``pip install --no-deps --target``, never a project dependency), on 1 process and
+  as DDP on 2 processes (gloo; the same global batch and threads as ours on 2 processes);
 - model FLOPs utilisation against this machine's measured matmul peak (bf16 and fp32).
 
 Tokens are counted the same way for both trainers: both sequences of every pair, the prompt
@@ -221,13 +222,16 @@ def ours_worker(spec: dict[str, Any]) -> None:
 
 
 def trl_worker(spec: dict[str, Any]) -> None:
-    """TRL's DPOTrainer on the same texts (it tokenizes them to the same ids)."""
+    """TRL's DPOTrainer on the same texts (it tokenizes them to the same ids); under torchrun,
+    DDP over gloo with the global batch and the threads split between the processes."""
     import torch
+    import torch.distributed as dist
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
-    torch.set_num_threads(spec["threads"])
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    torch.set_num_threads(max(1, spec["threads"] // world))
     model_dir = spec["model_dir"]
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
@@ -243,7 +247,8 @@ def trl_worker(spec: dict[str, Any]) -> None:
     with tempfile.TemporaryDirectory() as out:
         args = DPOConfig(
             output_dir=out,
-            per_device_train_batch_size=spec["batch"],
+            per_device_train_batch_size=spec["batch"] // world,
+            ddp_backend="gloo" if world > 1 else None,
             gradient_accumulation_steps=1,
             max_steps=spec["warmup"] + spec["steps"],
             learning_rate=1e-6,
@@ -271,16 +276,22 @@ def trl_worker(spec: dict[str, Any]) -> None:
         )
         trainer.train()
     warm = times[spec["warmup"] :]
-    Path(spec["out"]).write_text(
-        json.dumps(
-            {
-                "tokens": len(warm) * spec["batch"] * spec["tokens_per_pair"],
-                "seconds": sum(b - a for a, b in warm),
-                "peak_rss_mb": peak_rss_mb(),
-                "threads": torch.get_num_threads(),
-            }
+    rss = [peak_rss_mb()]
+    if dist.is_initialized():
+        rss = [0.0] * world
+        dist.all_gather_object(rss, peak_rss_mb())
+    if int(os.environ.get("RANK", "0")) == 0:
+        Path(spec["out"]).write_text(
+            json.dumps(
+                {
+                    "tokens": len(warm) * spec["batch"] * spec["tokens_per_pair"],
+                    "seconds": sum(b - a for a, b in warm),
+                    "peak_rss_mb": sum(rss),
+                    "rss_per_rank_mb": rss,
+                    "threads": torch.get_num_threads(),
+                }
+            )
         )
-    )
 
 
 # -- driver ------------------------------------------------------------------------------------
@@ -314,7 +325,7 @@ def run_worker(kind: str, spec: dict[str, Any], nproc: int, extra_path: str = ""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), extra_path) if p)}
     env.setdefault("DS_ACCELERATOR", "cpu")
     env.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
-    if kind == "ours":
+    if kind == "ours" or nproc > 1:
         from pipeline.distributed import free_port
 
         cmd = [
@@ -323,7 +334,7 @@ def run_worker(kind: str, spec: dict[str, Any], nproc: int, extra_path: str = ""
             f"--master_port={free_port()}",
             __file__,
             "--worker",
-            "ours",
+            kind,
             str(spec_file),
         ]
     else:
@@ -418,6 +429,7 @@ def main() -> None:
                 1,
             ),
             ("trl", "TRL DPOTrainer bf16 (live ref)", {"precision": "bf16"}, 1),
+            ("trl", "TRL DPOTrainer bf16 (live ref), 2 procs", {"precision": "bf16"}, 2),
         ]
         if not a.quick:
             configs += [
@@ -481,7 +493,14 @@ def report(results: dict[str, dict[str, Any]]) -> None:
         print(text)
 
     trl16, trl32 = "TRL DPOTrainer bf16 (live ref)", "TRL DPOTrainer fp32 (live ref)"
+    trl16_2 = "TRL DPOTrainer bf16 (live ref), 2 procs"
     print("\nratios (targets vs TRL: >= 1.5x tokens/s, <= 0.7x peak memory)")
+    for ours in (
+        "bf16 precomputed ref, 2 procs",
+        "bf16 precomputed ref, ZeRO-2, 2 procs",
+        "bf16 live ref, 2 procs",
+    ):
+        line(f"ours {ours} vs TRL bf16, 2 procs (DDP)", ours, trl16_2)
     for ours in (
         "bf16 precomputed ref, 2 procs",
         "bf16 precomputed ref, ZeRO-2, 2 procs",
@@ -489,7 +508,7 @@ def report(results: dict[str, dict[str, Any]]) -> None:
         "bf16 precomputed ref, 1 proc",
         "bf16 live ref, 1 proc",
     ):
-        line(f"ours {ours} vs TRL bf16", ours, trl16)
+        line(f"ours {ours} vs TRL bf16, 1 proc", ours, trl16)
     line("ours fp32 live ref, 1 proc vs TRL fp32", "fp32 live ref, 1 proc", trl32)
     line(
         "precomputed vs live reference (bf16, 2 procs)",
