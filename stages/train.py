@@ -72,7 +72,10 @@ def _exit_reason(code: int) -> str:
 
     for number in (256 - code, code - 128):
         if 0 < number < signal.NSIG and code > 128:
-            name = signal.Signals(number).name if number in signal.valid_signals() else str(number)
+            try:
+                name = signal.Signals(number).name
+            except ValueError:  # a real-time signal: no name of its own
+                name = f"signal {number}"
             hint = " (out of memory, or killed)" if name == "SIGKILL" else ""
             return f"a rank was killed by {name}{hint}; launcher exit code {code}"
     return f"launcher exit code {code}"

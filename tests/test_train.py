@@ -786,3 +786,16 @@ def _sweep_worker(root: str, cache: str, name: str, out: str) -> None:
 if __name__ == "__main__":
     if sys.argv[1] == "sweep":
         _sweep_worker(*sys.argv[2:6])
+
+
+def test_launcher_exit_code_in_words() -> None:
+    """A failed job's exit code names the killing signal, also a real-time one (no enum name)."""
+    from stages.train import _exit_reason
+
+    assert _exit_reason(1) == "launcher exit code 1"
+    assert "SIGKILL (out of memory, or killed)" in _exit_reason(137)  # 128 + 9 (a shell)
+    assert "SIGKILL" in _exit_reason(256 - 9)  # the launcher: the rank's -9
+    assert "by SIGTERM;" in _exit_reason(128 + signal.SIGTERM)
+    rt = signal.SIGRTMIN + 5
+    assert f"by signal {rt};" in _exit_reason(256 - rt)
+    assert f"by signal {rt};" in _exit_reason(128 + rt)
