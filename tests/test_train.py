@@ -338,6 +338,19 @@ def test_global_batch_split_covers_every_pair_once(size: int) -> None:
     assert max(sizes) - min(sizes) <= 1
 
 
+def test_launcher_exit_code_in_words() -> None:
+    """A failed job's exit code names the killing signal, also a real-time one (no enum name)."""
+    from stages.train import _exit_reason
+
+    assert _exit_reason(1) == "launcher exit code 1"
+    assert "SIGKILL (out of memory, or killed)" in _exit_reason(137)  # 128 + 9 (a shell)
+    assert "SIGKILL" in _exit_reason(256 - 9)  # the launcher: the rank's -9
+    assert "by SIGTERM;" in _exit_reason(128 + signal.SIGTERM)
+    rt = signal.SIGRTMIN + 5
+    assert f"by signal {rt};" in _exit_reason(256 - rt)
+    assert f"by signal {rt};" in _exit_reason(128 + rt)
+
+
 def test_deepspeed_config_auto_and_contradictions(tmp_path: Path) -> None:
     cfg = load_config(
         TINY, ["train.per_device_batch_size=2", "train.gradient_accumulation_steps=3"]
@@ -786,16 +799,3 @@ def _sweep_worker(root: str, cache: str, name: str, out: str) -> None:
 if __name__ == "__main__":
     if sys.argv[1] == "sweep":
         _sweep_worker(*sys.argv[2:6])
-
-
-def test_launcher_exit_code_in_words() -> None:
-    """A failed job's exit code names the killing signal, also a real-time one (no enum name)."""
-    from stages.train import _exit_reason
-
-    assert _exit_reason(1) == "launcher exit code 1"
-    assert "SIGKILL (out of memory, or killed)" in _exit_reason(137)  # 128 + 9 (a shell)
-    assert "SIGKILL" in _exit_reason(256 - 9)  # the launcher: the rank's -9
-    assert "by SIGTERM;" in _exit_reason(128 + signal.SIGTERM)
-    rt = signal.SIGRTMIN + 5
-    assert f"by signal {rt};" in _exit_reason(256 - rt)
-    assert f"by signal {rt};" in _exit_reason(128 + rt)
