@@ -10,10 +10,13 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+if TYPE_CHECKING:
+    from pipeline.objectives import MIDPOObjective
 
 STAGES = ("prepare", "generate", "score", "train", "evaluate", "promote")
 
@@ -371,8 +374,9 @@ def stage_config(cfg: RunConfig, stage: str) -> dict[str, Any]:
         out["max_length"] = c["model"]["max_length"]
         out["max_prompt_length"] = c["model"]["max_prompt_length"]
     if stage == "score":
-        # TIS-DPO token weights are computed at scoring time.
-        out["objective"] = c["train"]["objective"]
+        # Scoring depends on the objective only through token weights (TIS-DPO), computed at
+        # scoring time: switching dpo -> simpo reuses the pairs and reference log-probs.
+        out["token_weights"] = build_objective(cfg.train).needs_token_weights
     if stage == "evaluate":
         out["scorer"] = c["score"]["scorer"]
     return out
@@ -394,6 +398,26 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
             raise ConfigError(f"override {dotted!r}: {'.'.join(keys[: i + 1])} is not a section")
         node = child
     node[keys[-1]] = value
+
+
+def derive_config(cfg: RunConfig, name: str, changes: dict[str, Any] | None = None) -> RunConfig:
+    """A child run's config (an iterate round, a frontier or study point): ``cfg`` renamed, with
+    dotted ``changes`` applied and validated like a YAML file. MLflow stays in the parent's
+    store, so the child's runs can nest under the parent's."""
+    from pipeline.tracking import tracking_uri
+
+    tree: dict[str, Any] = cfg.model_dump(mode="json")
+    tree["name"] = name
+    tree["tracking"]["uri"] = tracking_uri(cfg)
+    for dotted, value in (changes or {}).items():
+        _set_dotted(tree, dotted, value)
+    try:
+        out = RunConfig.model_validate(tree)
+    except ValidationError as e:
+        raise ConfigError(_format_error(f"run {name}", e)) from None
+    _check_objective(out, f"run {name}")
+    out.source = cfg.source
+    return out
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -514,11 +538,27 @@ def objective_kwargs(train: TrainConfig) -> dict[str, Any]:
     return kwargs
 
 
-def _check_objective(cfg: RunConfig, source: str) -> None:
-    """Validate train.objective and its hyper-parameters against the objectives library."""
+def build_objective(train: TrainConfig) -> MIDPOObjective:
+    """The MI-DPO objective ``train`` names, with its hyper-parameters: the one place config
+    becomes an objective (train, score's cache key, evaluate's implicit reward, the frontier)."""
     from pipeline.objectives import make_objective
 
     try:
-        make_objective(cfg.train.objective, **objective_kwargs(cfg.train))
+        return make_objective(train.objective, **objective_kwargs(train))
     except (ValueError, TypeError) as e:
-        raise ConfigError(f"{source}: train.objective={cfg.train.objective!r}: {e}") from None
+        raise ConfigError(f"train.objective={train.objective!r}: {e}") from None
+
+
+def _check_objective(cfg: RunConfig, source: str) -> None:
+    """Validate train.objective and its hyper-parameters against the objectives library."""
+    try:
+        build_objective(cfg.train)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+    if cfg.train.objective == "dice" and not cfg.score.dice.enabled:
+        # The preset alone is DPO; DICE is the data loop around it (docs/objectives.md).
+        raise ConfigError(
+            f"{source}: train.objective=dice is DPO against the previous round's policy; the "
+            "DICE method is its data loop: set score.dice.enabled=true (and run `make iterate`), "
+            "or use train.objective=dpo"
+        )

@@ -16,7 +16,7 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -153,13 +153,43 @@ class RunStore:
             )
         return m
 
+    # -- the skip test ---------------------------------------------------------------------
+    def up_to_date(
+        self,
+        stage: str,
+        inputs: Sequence[str] = (),
+        fingerprints: Mapping[str, str] | None = None,
+    ) -> bool:
+        """True when the stage's complete output was made from this config, these upstream
+        outputs and these fingerprints (what lives outside the run store: model folders whose
+        weights may change under the same path, the registry's champion)."""
+        current = self.complete_manifest(stage)
+        return (
+            current is not None
+            and current.get("config_hash") == self.expected_hash(stage)
+            and current.get("input_hashes") == {s: self.require(s)["output_hash"] for s in inputs}
+            and current.get("fingerprints", {}) == dict(fingerprints or {})
+        )
+
+    def report_skip(self, stage: str) -> None:
+        print(
+            f"[{stage}] up to date in {self.stage_dir(stage)} (config and inputs unchanged); "
+            "skipping. Use --force to rerun.",
+            file=sys.stderr,
+        )
+
     # -- writing ---------------------------------------------------------------------------
     @contextlib.contextmanager
     def stage(
-        self, stage: str, inputs: list[str] | tuple[str, ...] = (), force: bool = False
+        self,
+        stage: str,
+        inputs: Sequence[str] = (),
+        force: bool = False,
+        fingerprints: Mapping[str, str] | None = None,
     ) -> Iterator[StageRun]:
         """Run ``stage`` atomically; yields a StageRun whose ``skipped`` says it is up to date.
 
+        ``fingerprints`` join the skip test (``up_to_date``) and are recorded in the manifest.
         Only the writer (rank 0) may open a stage; other ranks share its results by path.
         """
         if not self.is_writer:
@@ -167,18 +197,8 @@ class RunStore:
         cfg_hash = self.expected_hash(stage)
         input_hashes = {s: self.require(s)["output_hash"] for s in inputs}
         final = self.stage_dir(stage)
-        current = self.complete_manifest(stage)
-        if (
-            not force
-            and current is not None
-            and current.get("config_hash") == cfg_hash
-            and current.get("input_hashes") == input_hashes
-        ):
-            print(
-                f"[{stage}] up to date in {final} (config and inputs unchanged); skipping. "
-                "Use --force to rerun.",
-                file=sys.stderr,
-            )
+        if not force and self.up_to_date(stage, inputs, fingerprints):
+            self.report_skip(stage)
             yield StageRun(stage, final, final, skipped=True)
             return
 
@@ -201,6 +221,7 @@ class RunStore:
                 "config_hash": cfg_hash,
                 "config": stage_config(self.cfg, stage),
                 "input_hashes": input_hashes,
+                "fingerprints": dict(fingerprints or {}),
                 "outputs": outputs,
                 "output_hash": hashlib.sha256(
                     json.dumps(

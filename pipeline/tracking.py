@@ -118,6 +118,29 @@ def parent_run_id(cfg: RunConfig) -> str:
     return str(run.info.run_id)
 
 
+def child_run_id(cfg: RunConfig, child: RunConfig, run_name: str, tags: dict[str, str]) -> str:
+    """An MLflow run under ``cfg``'s pipeline run that becomes ``child``'s parent run: the
+    child's stage runs nest under it (an iterate round, a frontier or study point). Kept in the
+    child's run store, so a resumed parent finds the same child run again."""
+    mlflow = setup(cfg)
+    parent = parent_run_id(cfg)
+    path = child.run_dir / PARENT_FILE
+    client = mlflow.MlflowClient()
+    if path.is_file():
+        known = json.loads(path.read_text())
+        with contextlib.suppress(Exception):  # deleted, or another store: make a new one
+            if client.get_run(known["run_id"]).data.tags.get("mlflow.parentRunId") == parent:
+                return str(known["run_id"])
+    experiment = client.get_experiment_by_name(cfg.tracking.experiment)
+    run = client.create_run(
+        experiment.experiment_id,
+        run_name=run_name,
+        tags={"mlflow.parentRunId": parent, "midpo.run": cfg.name, **tags},
+    )
+    atomic_write_json(path, {"run_id": run.info.run_id, "tracking_uri": tracking_uri(cfg)})
+    return str(run.info.run_id)
+
+
 @contextlib.contextmanager
 def stage_run(cfg: RunConfig, stage: str, params: dict[str, Any] | None = None) -> Iterator[Any]:
     """A nested MLflow run for one stage under the pipeline's parent run (call on rank 0 only)."""

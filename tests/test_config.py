@@ -81,7 +81,7 @@ def test_stage_hash_covers_only_its_sections() -> None:
 
 
 def test_cli_script_accepts_overrides(capsys: pytest.CaptureFixture[str]) -> None:
-    from pipeline.cli import main
+    from stages.cli import main
 
     main(["show-config", "--config", str(TINY), "train.objective=simpo", "train.beta=2.5"])
     out = capsys.readouterr().out
@@ -123,3 +123,22 @@ def test_input_paths_are_confined_to_allowed_roots(tmp_path: Path) -> None:
     # Named explicitly: allowed. Hub ids are not paths.
     load_config(TINY, [*base, f"data.path={outside / 'pairs.jsonl'}", f"allowed_roots=[{outside}]"])
     load_config(TINY, [*base, f"data.path={root / 'pairs.jsonl'}", "model.base=org/some-model"])
+
+
+def test_dice_objective_needs_the_dice_data_loop() -> None:
+    with pytest.raises(ConfigError, match="train.objective=dice is DPO .* score.dice.enabled=true"):
+        load_config(TINY, ["train.objective=dice"])
+    cfg = load_config(TINY, ["train.objective=dice", "score.dice.enabled=true"])
+    assert cfg.train.objective == "dice"
+
+
+def test_score_hash_depends_on_token_weights_not_the_objective_name() -> None:
+    def score_hash(*overrides: str) -> str:
+        return config_hash(stage_config(load_config(TINY, list(overrides)), "score"))
+
+    dpo = score_hash("train.objective=dpo")
+    # Switching the objective reuses pairs and reference log-probs...
+    assert score_hash("train.objective=simpo", "train.beta=2.0") == dpo
+    assert score_hash("train.objective=tdpo") == dpo
+    # ...unless scoring must compute something for it (TIS-DPO's token weights).
+    assert score_hash("train.objective=tisdpo") != dpo

@@ -17,7 +17,7 @@ from tests.conftest import ConfigFactory
 
 
 def test_rounds_chain_policies(tiny_config: ConfigFactory, tmp_path: Path) -> None:
-    cfg = tiny_config("train.objective=dice")
+    cfg = tiny_config("train.objective=dice", "score.dice.enabled=true")
     first = iterate.round_config(cfg, 1, None)
     assert first.name == f"{cfg.name}-round1" and first.generate.model is None
     assert first.score.reference_model is None

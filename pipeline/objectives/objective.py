@@ -116,6 +116,34 @@ class MIDPOObjective(nn.Module):
         """True if prompt-free log-probs are read (PMI margin, marginal prior)."""
         return bool(self.requires & field_names(["marginal_logps"]))
 
+    @property
+    def needs_token_weights(self) -> bool:
+        """True if per-token weights are read (TIS-DPO; SparsePO with given masks)."""
+        return bool(self.requires & field_names(["weights"]))
+
+    @property
+    def reference_layers(self) -> int:
+        """How many of the reference's last hidden layers are read (0 when none)."""
+        return max((term.reference_layers for term in self.terms), default=0)
+
+    @property
+    def needs_live_reference(self) -> bool:
+        """True if the reference model must run at every step: its full distribution (KL) or
+        its hidden states are read, which no precomputed log-probs can serve."""
+        return self.needs_reference_distribution or self.reference_layers > 0
+
+    @property
+    def needs_reference(self) -> bool:
+        """True if the reference model is read at all (live, or as precomputed log-probs)."""
+        return self.needs_reference_logps or self.needs_live_reference
+
+    @property
+    def marginal_source(self) -> str | None:
+        """Where prompt-free log-probs come from ("policy", "prompt_free_model"); None if unread."""
+        if not self.needs_marginal_logps:
+            return None
+        return next((t.marginal_source for t in self.terms if t.marginal_source), "policy")
+
     def prior_parameter_summary(self) -> dict[str, float]:
         """Current values of the learnable prior quantities, for logging."""
         summary: dict[str, float] = {}

@@ -65,7 +65,12 @@ def dpo(beta: float = 0.1, label_smoothing: float = 0.0) -> MIDPOObjective:
 
 
 def dice(beta: float = 0.1, label_smoothing: float = 0.0) -> MIDPOObjective:
-    """DICE: DPO whose reference slots hold the previous round's policy log-probs."""
+    """DICE: DPO whose reference slots hold the previous round's policy log-probs.
+
+    The loss is DPO's; what makes DICE is its data loop (implicit-reward scoring with a length
+    penalty, experience replay, rounds), switched on by the run config's ``score.dice`` section
+    and ``make iterate`` — the config refuses this preset without it.
+    """
     hp = _hparams(locals())
     return MIDPOObjective(
         beta,
@@ -313,13 +318,12 @@ def marginal(
     itself run without the prompt ("policy"). Either way the prior is under stop-gradient here.
     """
     hp = _hparams(locals())
-    if marginal_source not in ("prompt_free_model", "policy"):
-        raise ValueError(
-            f"marginal_source: expected 'prompt_free_model' or 'policy', got {marginal_source!r}"
-        )
-    # hparams["marginal_source"] tells the train stage where the marginal log-probs come from.
     return MIDPOObjective(
-        beta, [MarginalPrior()], label_smoothing=label_smoothing, name="marginal", hparams=hp
+        beta,
+        [MarginalPrior(source=marginal_source)],
+        label_smoothing=label_smoothing,
+        name="marginal",
+        hparams=hp,
     )
 
 

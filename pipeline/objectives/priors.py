@@ -75,6 +75,11 @@ class PriorTerm(nn.Module):
     # Generic input names this term reads (keys of batch.SIDE_FIELDS): required, and read if given.
     needs: frozenset[str] = frozenset()
     optional: frozenset[str] = frozenset()
+    # Layers of reference hidden states the term reads (SparsePO's mask heads); 0 for none.
+    reference_layers: int = 0
+    # Where prompt-free log-probs come from when the term reads them: the policy run without the
+    # prompt ("policy") or a separate prompt-free model fitted by maximum likelihood.
+    marginal_source: str | None = None
 
     def forward(  # noqa: D102
         self, chosen: ResponseSide, rejected: ResponseSide
@@ -283,6 +288,8 @@ class SparseTokenMasks(ResponsePrior):
         needs = {"ref_logps", "kl"}
         needs.add("weights" if source == "given" else "ref_hidden")
         self.needs = frozenset(needs)
+        # The learned heads read their last `num_layers` layers; activation masks the last one.
+        self.reference_layers = {"learned": num_layers, "activations": 1, "given": 0}[source]
 
     def _masks(self, side: ResponseSide) -> tuple[Tensor, Tensor]:
         if self.source == "given":
@@ -342,6 +349,14 @@ class MarginalPrior(ResponsePrior):
     needs = frozenset({"marginal_logps"})
     optional = frozenset({"marginal_mask"})
 
+    def __init__(self, source: str = "policy") -> None:
+        super().__init__()
+        if source not in ("prompt_free_model", "policy"):
+            raise ValueError(
+                f"marginal_source: expected 'prompt_free_model' or 'policy', got {source!r}"
+            )
+        self.marginal_source = source
+
     def log_prior(self, side: ResponseSide) -> Tensor:
         return side.total(side.tokens("marginal_logps", _marginal_mask(side))).detach()
 
@@ -371,6 +386,7 @@ class PMIMargin(PriorTerm):
     kind = "pmi_margin"
     needs = frozenset({"marginal_logps"})
     optional = frozenset({"marginal_mask"})
+    marginal_source = "policy"  # RMiPO: the policy itself, prompt-free, no gradient
 
     def __init__(self, gamma_min: float = 0.3, gamma_max: float = 1.6) -> None:
         super().__init__()
