@@ -10,14 +10,9 @@ ARGS ?=
 FORCE ?=
 STAMP := $(VENV)/.installed
 
-# Offline by default, set by the project (pipeline/__init__.py sets the same defaults).
-export HF_HUB_OFFLINE ?= 1
-export HF_DATASETS_OFFLINE ?= 1
-export TRANSFORMERS_OFFLINE ?= 1
-export MLFLOW_DISABLE_TELEMETRY ?= true
-export DO_NOT_TRACK ?= 1
-export VLLM_NO_USAGE_STATS ?= 1
-export TOKENIZERS_PARALLELISM ?= false
+# Offline by default: the project's one list (Python entry points apply the same file).
+include pipeline/offline.env
+export $(shell sed -n 's/^\([A-Z_]*\) *?=.*/\1/p' pipeline/offline.env)
 export PYTHONDONTWRITEBYTECODE ?= 1
 
 # Hardware is detected, never hard-coded: CPU builds and the gloo backend without an NVIDIA GPU,
@@ -102,10 +97,10 @@ LOCAL_SLURM_CONF = $(if $(wildcard $(SLURM_DIR)/local_slurm.json),$(abspath $(SL
 SLURM_ENV = $(if $(LOCAL_SLURM_CONF),SLURM_CONF=$${SLURM_CONF:-$(LOCAL_SLURM_CONF)})
 
 submit: setup
-	$(SLURM_ENV) $(BIN)/python -m pipeline.cluster submit $(STAGE_FLAGS) $(if $(WAIT),--wait)
+	$(SLURM_ENV) $(BIN)/python -m stages.cluster submit $(STAGE_FLAGS) $(if $(WAIT),--wait)
 
 cluster-status: setup
-	$(SLURM_ENV) $(BIN)/python -m pipeline.cluster status --config $(CONFIG) $(ARGS)
+	$(SLURM_ENV) $(BIN)/python -m stages.cluster status --config $(CONFIG) $(ARGS)
 
 slurm-up slurm-down:
 	$(PYTHON) cluster/local_slurm.py $(patsubst slurm-%,%,$@) --dir $(SLURM_DIR)

@@ -28,6 +28,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+from pipeline.offline import apply_offline_defaults  # noqa: E402
+
+apply_offline_defaults()  # no hub, no telemetry (pipeline/offline.env)
 
 
 def prompts_for(tokenizer, count: int) -> list[list[int]]:  # type: ignore[no-untyped-def]

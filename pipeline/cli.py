@@ -1,14 +1,13 @@
-"""Command line: ``python -m stages.<name> [--config FILE] [--force] [key=value ...]`` and ``midpo``.
-
-Every stage module exposes ``run(cfg, store, force) -> None``; ``stage_main`` parses the
-command line, loads and validates the config, and turns known errors into one clear line.
+"""Running a stage from a command line: ``python -m stages.<name> [--config FILE] [--force]
+[key=value ...]``. Every stage module exposes ``run(cfg, store, force) -> None``; ``stage_main``
+parses the command line, loads and validates the config, and turns known errors into one clear
+line. The ``midpo`` dispatcher over the stages lives in ``stages/cli.py``.
 """
 
 from __future__ import annotations
 
 import argparse
 import errno
-import importlib
 import os
 import re
 import sys
@@ -17,7 +16,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import NoReturn
 
-from pipeline.config import STAGES, ConfigError, RunConfig, load_config
+from pipeline.config import ConfigError, RunConfig, load_config
 from pipeline.runstore import RunStore, StageError
 
 DEFAULT_CONFIG = "configs/demo.yaml"
@@ -92,7 +91,7 @@ def _disk_error_line(stage: str, e: BaseException, code: int, cfg: RunConfig | N
     return f"midpo {stage}: error: " + _DISK_ERRORS[code].format(path=path)
 
 
-def _parser(prog: str) -> argparse.ArgumentParser:
+def stage_parser(prog: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog)
     p.add_argument(
         "--config",
@@ -110,7 +109,7 @@ def _parser(prog: str) -> argparse.ArgumentParser:
 
 
 def stage_main(stage: str, run: StageFn, argv: list[str] | None = None) -> None:
-    args = _parser(f"python -m stages.{stage}").parse_args(argv)
+    args = stage_parser(f"python -m stages.{stage}").parse_args(argv)
     errors = _known_errors()
     cfg = None
     try:
@@ -144,30 +143,3 @@ def exit_cleanly(code: int = 0) -> NoReturn:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
-
-
-def main(argv: list[str] | None = None) -> None:
-    """``midpo <stage> [--config FILE] [--force] [overrides]`` or ``midpo show-config``."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    commands = (*STAGES, "show-config")
-    if not argv or argv[0] not in commands:
-        print(
-            f"usage: midpo {{{','.join(commands)}}} [--config FILE] [--force] [key=value ...]",
-            file=sys.stderr,
-        )
-        sys.exit(2)
-    command, rest = argv[0], argv[1:]
-    if command == "show-config":
-        args = _parser("midpo show-config").parse_args(rest)
-        try:
-            cfg = load_config(args.config, args.overrides)
-        except ConfigError as e:
-            print(f"midpo: error: {e}", file=sys.stderr)
-            sys.exit(2)
-        import yaml
-
-        print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), end="")
-        return
-    module = importlib.import_module(f"stages.{command}")
-    module.main(rest)
-    exit_cleanly(0)

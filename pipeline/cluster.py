@@ -1,9 +1,7 @@
 """SLURM: the pipeline as a chain of batch jobs, one per stage, each on its own resources.
 
-    python -m pipeline.cluster submit --config run.yaml [--force] [--wait] [--stages a,b] [k=v ...]
-    python -m pipeline.cluster status --config run.yaml [k=v ...]   # the run's latest chain
-    python -m pipeline.cluster wait   --config run.yaml [k=v ...]
-    python -m pipeline.cluster cancel --config run.yaml [k=v ...]
+The command line is ``python -m stages.cluster submit|status|wait|cancel`` (``make submit``);
+this module is what it calls.
 
 ``submit`` checks the config's ``cluster:`` section against the other sections, checks that the
 MLflow server answers, asks SLURM whether it would accept each stage's request (``sbatch
@@ -19,13 +17,10 @@ submitting again after a failure or preemption redoes only what is missing.
 
 from __future__ import annotations
 
-import argparse
 import datetime as _dt
-import importlib.util
 import json
 import os
 import re
-import shlex
 import shutil
 import subprocess
 import sys
@@ -235,11 +230,6 @@ def latest_submission(cfg: RunConfig) -> Submission:
     return Submission.load(found[-1])
 
 
-def implemented_stages() -> list[str]:
-    """Stages whose module exists, in pipeline order."""
-    return [s for s in STAGES if importlib.util.find_spec(f"stages.{s}") is not None]
-
-
 def _slurm_program(name: str) -> str:
     path = shutil.which(name)
     if path is None:
@@ -324,8 +314,6 @@ def submit_chain(
     for s in stages:
         if s not in STAGES:
             raise ConfigError(f"unknown stage {s!r}; stages are {', '.join(STAGES)}")
-        if importlib.util.find_spec(f"stages.{s}") is None:
-            raise ClusterError(f"stage {s!r} is not implemented (no module stages.{s})")
     stages = [s for s in STAGES if s in stages]  # pipeline order
     check_consistency(cfg, stages)
     sbatch = _slurm_program("sbatch")
@@ -550,7 +538,7 @@ def wait_chain(
             raise ClusterError(
                 f"the chain of run {sub.run!r} is not done after {timeout_s:.0f} s: "
                 + ", ".join(f"{j.stage} {i.state}" for j, i in rows)
-                + " (jobs left queued; `python -m pipeline.cluster status` follows them)"
+                + " (jobs left queued; `python -m stages.cluster status` follows them)"
             )
         time.sleep(poll_s)
 
@@ -563,66 +551,7 @@ def cancel_chain(sub: Submission) -> list[str]:
     return ids
 
 
-# -- command line ------------------------------------------------------------------------------
+if __name__ == "__main__":  # `python -m pipeline.cluster`: the command line is stages/cluster.py
+    import runpy
 
-
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(
-        prog="python -m pipeline.cluster", description="Run the pipeline as chained SLURM jobs."
-    )
-    p.add_argument("command", choices=("submit", "status", "wait", "cancel"))
-    p.add_argument("--config", default=os.environ.get("MIDPO_CONFIG", "configs/demo.yaml"))
-    p.add_argument("--force", action="store_true", help="rerun stages even if up to date")
-    p.add_argument("--stages", help="comma-separated subset (default: all six)")
-    p.add_argument("--wait", action="store_true", help="submit, then follow the chain to the end")
-    p.add_argument("--poll", type=float, default=5.0, help="seconds between polls")
-    p.add_argument("--timeout", type=float, default=None, help="give up waiting after seconds")
-    p.add_argument("overrides", nargs="*", metavar="key.sub=value")
-    args = p.parse_intermixed_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-        if args.command == "submit":
-            stages = (
-                [s.strip() for s in args.stages.split(",") if s.strip()] if args.stages else None
-            )
-            sub = submit_chain(cfg, args.config, args.overrides, stages, args.force)
-            status = shlex.join(
-                [
-                    "python",
-                    "-m",
-                    "pipeline.cluster",
-                    "status",
-                    "--config",
-                    args.config,
-                    *args.overrides,
-                ]
-            )
-            print(
-                f"[submit] chain of {len(sub.jobs)} jobs for run {cfg.name!r}; `{status}` "
-                f"follows it; logs in {sub.dir}",
-                file=sys.stderr,
-            )
-            if args.wait:
-                wait_chain(sub, args.poll, args.timeout)
-                print(f"[cluster] run {cfg.name!r}: every stage completed", file=sys.stderr)
-        elif args.command == "status":
-            sub = latest_submission(cfg)
-            print(f"run {sub.run}, submitted {sub.created}, logs in {sub.dir}")
-            for job, info in chain_status(sub):
-                print(
-                    f"  {job.stage:<9} job {job.job_id:<8} {info.state:<12} "
-                    f"{info.reason if info.state == 'PENDING' else info.exit_code:<24} {job.log}"
-                )
-        elif args.command == "wait":
-            wait_chain(latest_submission(cfg), args.poll, args.timeout)
-            print(f"[cluster] run {cfg.name!r}: every stage completed", file=sys.stderr)
-        else:
-            ids = cancel_chain(latest_submission(cfg))
-            print(f"[cluster] cancelled jobs {' '.join(ids)}", file=sys.stderr)
-    except (ConfigError, ClusterError) as e:
-        print(f"midpo cluster {args.command}: error: {e}", file=sys.stderr)
-        sys.exit(2)
-
-
-if __name__ == "__main__":
-    main()
+    runpy.run_module("stages.cluster", run_name="__main__", alter_sys=True)

@@ -4,9 +4,10 @@
                               [--force] [key=value ...]                     (or make frontier)
 
 The DPO paper's controlled-sentiment figure, across our objectives. The base run (``name``)
-runs prepare and generate once; every point is a run ``<name>-<objective>-b<beta>`` that starts
-from copies of those outputs and runs score (its config hash covers the objective), train and
-evaluate against the reference with ``train.objective`` and ``train.beta`` overridden. The
+runs prepare, generate and score once; every point is a run ``<name>-<objective>-b<beta>`` (an MLflow
+child of the base run) that starts from copies of those outputs (score only where the point
+scores alike: token weights are the one part of scoring an objective changes), and runs train
+and evaluate against the reference with ``train.objective`` and ``train.beta`` overridden. The
 reference's own samples are sampled once (evaluate's shared sample cache). Every stage is
 skipped when up to date, so a killed frontier resumes at the point it was on.
 
@@ -18,20 +19,19 @@ See docs/frontier.md for the budget and how to scale it on a cluster.
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import json
 import os
 import shutil
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
-from pipeline import plots, tracking
+from pipeline import tracking
 from pipeline.cli import stage_main
-from pipeline.config import ConfigError, RunConfig, objective_kwargs
-from pipeline.runstore import RunStore, atomic_write_bytes, atomic_write_json
+from pipeline.config import ConfigError, RunConfig, derive_config
+from pipeline.frontier import parse_points, point_row, table_text, write_outputs
+from pipeline.runstore import RunStore
+from stages.chain import run_stages
 
 # About an hour on a 2-core CPU with the demo config (docs/frontier.md): DPO, SimPO and
 # entropy-controlled DPO, each at strengths on either side of its default.
@@ -40,34 +40,8 @@ DEFAULT_POINTS: dict[str, list[float]] = {
     "simpo": [1.0, 2.5],
     "centropy": [0.05, 0.5],
 }
-SHARED_STAGES = ("prepare", "generate")
+SHARED_STAGES = ("prepare", "generate", "score")
 POINT_STAGES = ("score", "train", "evaluate")
-
-
-def parse_points(text: str) -> dict[str, list[float]]:
-    """'dpo:0.05,0.1 simpo:2' -> {'dpo': [0.05, 0.1], 'simpo': [2.0]}."""
-    from pipeline.objectives import available_objectives
-
-    points: dict[str, list[float]] = {}
-    for item in text.split():
-        name, sep, betas = item.partition(":")
-        if not sep or not name or not betas:
-            raise ConfigError(f"--points: {item!r} must look like objective:beta[,beta...]")
-        if name not in available_objectives():
-            raise ConfigError(
-                f"--points: unknown objective {name!r}; expected one of "
-                f"{', '.join(available_objectives())}"
-            )
-        try:
-            values = [float(b) for b in betas.split(",")]
-        except ValueError:
-            raise ConfigError(f"--points: {item!r}: strengths must be numbers") from None
-        if any(not v > 0 for v in values):
-            raise ConfigError(f"--points: {item!r}: strengths (beta) must be > 0")
-        points.setdefault(name, []).extend(values)
-    if not points:
-        raise ConfigError("--points: no points given")
-    return points
 
 
 def point_name(base: str, objective: str, beta: float) -> str:
@@ -76,27 +50,21 @@ def point_name(base: str, objective: str, beta: float) -> str:
 
 def point_config(cfg: RunConfig, objective: str, beta: float) -> RunConfig:
     """The base config with this point's name, objective and beta (validated like a YAML)."""
-    point = cfg.model_copy(deep=True)
-    point.name = point_name(cfg.name, objective, beta)
-    point.train.objective = objective
-    point.train.beta = beta
-    if "beta" in point.train.objective_args:
+    if "beta" in cfg.train.objective_args:
         raise ConfigError(
             "the frontier sets train.beta per point: remove train.objective_args.beta"
         )
-    from pipeline.objectives import make_objective
-
-    try:
-        make_objective(objective, **objective_kwargs(point.train))
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"frontier point {point.name}: {e}") from None
-    return point
+    name = point_name(cfg.name, objective, beta)
+    return derive_config(cfg, name, {"train.objective": objective, "train.beta": beta})
 
 
 def share_outputs(base: RunStore, point: RunStore) -> None:
-    """Copy the base run's prepare/generate outputs into a point run (atomically, once)."""
+    """Copy the base run's shared outputs into a point run (atomically, once). Score is shared
+    when the point scores alike (same score config; only token weights depend on the objective)."""
     for stage in SHARED_STAGES:
         src = base.require(stage)
+        if point.expected_hash(stage) != src["config_hash"]:
+            continue  # this point's stage differs (e.g. TIS-DPO's token weights): it runs its own
         have = point.complete_manifest(stage)
         if have is not None and have.get("output_hash") == src["output_hash"]:
             continue
@@ -109,11 +77,8 @@ def share_outputs(base: RunStore, point: RunStore) -> None:
 
 
 def run_points(cfg: RunConfig, points: dict[str, list[float]], force: bool) -> list[dict[str, Any]]:
-    import importlib
-
     base = RunStore(cfg)
-    for stage in SHARED_STAGES:
-        importlib.import_module(f"stages.{stage}").run(cfg, base, force)
+    run_stages(cfg, SHARED_STAGES, force)
     grid = [(obj, beta) for obj, betas in points.items() for beta in betas]
     rows = []
     for i, (objective, beta) in enumerate(grid, 1):
@@ -122,71 +87,14 @@ def run_points(cfg: RunConfig, points: dict[str, list[float]], force: bool) -> l
         print(f"\n=== frontier point {i}/{len(grid)}: {pcfg.name} ===", file=sys.stderr)
         started = time.time()
         share_outputs(base, store)
-        for stage in POINT_STAGES:
-            importlib.import_module(f"stages.{stage}").run(pcfg, RunStore(pcfg), force)
+        tracking.child_run_id(
+            cfg, pcfg, pcfg.name, {"midpo.role": "point", "midpo.objective": objective}
+        )
+        run_stages(pcfg, POINT_STAGES, force)
         report = json.loads((store.stage_dir("evaluate") / "report.json").read_text())
         rows.append(point_row(objective, beta, pcfg.name, report))
         print(f"=== {pcfg.name}: {time.time() - started:.0f} s ===", file=sys.stderr)
     return rows
-
-
-def point_row(objective: str, beta: float, run: str, report: dict[str, Any]) -> dict[str, Any]:
-    m = report["metrics"]
-    return {
-        "objective": objective,
-        "beta": beta,
-        "run": run,
-        "reward": m["reward_mean"],
-        "reward_low": m["reward_ci_low"],
-        "reward_high": m["reward_ci_high"],
-        "kl": m.get("kl"),
-        "kl_per_token": m.get("kl_per_token"),
-        "win_rate": m["win_rate"],
-        "reference_reward": m["baseline_reward_mean"],
-        "human_accuracy": m.get("human_accuracy"),
-        "length": m["length_mean"],
-        "distinct_2": m["distinct_2"],
-        "did_entropy": m.get("did_entropy"),
-    }
-
-
-def write_outputs(folder: Path, rows: list[dict[str, Any]], title: str) -> list[Path]:
-    """frontier.png / .json / .csv from the point rows."""
-    ref = rows[0]["reference_reward"]
-    points = [
-        {
-            "label": f"β={r['beta']:g}",
-            "group": r["objective"],
-            "kl": r["kl"],
-            "reward": r["reward"],
-            "low": r["reward_low"],
-            "high": r["reward_high"],
-        }
-        for r in rows
-        if r["kl"] is not None
-    ]
-    points.append({"label": "reference", "group": "reference", "kl": 0.0, "reward": ref})
-    folder.mkdir(parents=True, exist_ok=True)
-    png = plots.reward_vs_kl(points, folder / "frontier.png", title=title)
-    atomic_write_json(folder / "frontier.json", {"points": rows})
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_bytes(folder / "frontier.csv", buf.getvalue().encode())
-    return [png, folder / "frontier.json", folder / "frontier.csv"]
-
-
-def table_text(rows: list[dict[str, Any]]) -> str:
-    lines = [f"{'objective':<10} {'beta':>6} {'reward':>8} {'KL':>8} {'win':>6} {'human':>6}"]
-    for r in rows:
-        human = "-" if r["human_accuracy"] is None else f"{r['human_accuracy']:.3f}"
-        lines.append(
-            f"{r['objective']:<10} {r['beta']:>6g} {r['reward']:>8.3f} "
-            f"{r['kl']:>8.3f} {r['win_rate']:>6.3f} {human:>6}"
-        )
-    lines.append(f"reference reward {rows[0]['reference_reward']:.3f}")
-    return "\n".join(lines)
 
 
 def run(

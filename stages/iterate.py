@@ -14,15 +14,15 @@ of a round nest under it. The last round's policy is ``runs/<name>-round<n>/trai
 
 from __future__ import annotations
 
-import importlib
 import os
 import sys
 from pathlib import Path
-from typing import Any
 
+from pipeline import tracking
 from pipeline.cli import stage_main
-from pipeline.config import ConfigError, RunConfig
-from pipeline.runstore import RunStore, atomic_write_json
+from pipeline.config import ConfigError, RunConfig, derive_config
+from pipeline.runstore import RunStore
+from stages.chain import run_stages
 
 ROUND_STAGES = ("prepare", "generate", "score", "train")
 
@@ -41,60 +41,26 @@ def rounds_from_env() -> int:
 def round_config(cfg: RunConfig, k: int, previous_policy: Path | None) -> RunConfig:
     """Round k's run: its own name; from round 2 on, the previous policy generates, is the
     reference, and is where training starts. MLflow stays in the main run's store."""
-    from pipeline import tracking
-
-    tree: dict[str, Any] = cfg.model_dump(mode="json")
-    tree["name"] = f"{cfg.name}-round{k}"
-    tree["tracking"]["uri"] = tracking.tracking_uri(cfg)
+    changes = {}
     if previous_policy is not None:
         policy = str(previous_policy.resolve())
-        tree["generate"]["model"] = policy
-        tree["score"]["reference_model"] = policy
-        tree["train"]["init_model"] = None  # the model that generated: the previous policy
-        tree["train"]["reference_model"] = None  # the score stage's reference: the same
-    out = RunConfig.model_validate(tree)
-    out.source = cfg.source
-    return out
+        changes = {
+            "generate.model": policy,
+            "score.reference_model": policy,
+            "train.init_model": None,  # the model that generated: the previous policy
+            "train.reference_model": None,  # the score stage's reference: the same
+        }
+    return derive_config(cfg, f"{cfg.name}-round{k}", changes)
 
 
 def link_round_run(cfg: RunConfig, round_cfg: RunConfig, k: int) -> str:
-    """An MLflow child run for round k under the main pipeline run; the round's stages nest
-    under it (its id is the round run's parent file in the run store)."""
-    from pipeline import tracking
-
-    mlflow = tracking.setup(cfg)
-    parent = tracking.parent_run_id(cfg)
-    path = round_cfg.run_dir / tracking.PARENT_FILE
-    uri = tracking.tracking_uri(cfg)
-    client = mlflow.MlflowClient()
-    if path.is_file():  # a resumed iterate keeps its round run
-        import json
-
-        known = json.loads(path.read_text())
-        try:
-            run = client.get_run(known["run_id"])
-            if run.data.tags.get("mlflow.parentRunId") == parent:
-                return str(known["run_id"])
-        except Exception:
-            pass
-    experiment = client.get_experiment_by_name(cfg.tracking.experiment)
-    run = client.create_run(
-        experiment.experiment_id,
-        run_name=f"round-{k}",
-        tags={
-            "mlflow.parentRunId": parent,
-            "midpo.run": cfg.name,
-            "midpo.role": "round",
-            "midpo.round": str(k),
-        },
+    """Round k's MLflow run under the main pipeline run; the round's stages nest under it."""
+    return tracking.child_run_id(
+        cfg, round_cfg, f"round-{k}", {"midpo.role": "round", "midpo.round": str(k)}
     )
-    atomic_write_json(path, {"run_id": run.info.run_id, "tracking_uri": uri})
-    return str(run.info.run_id)
 
 
 def run(cfg: RunConfig, store: RunStore, force: bool = False) -> None:
-    from pipeline import tracking
-
     rounds = rounds_from_env()
     previous: Path | None = None
     for k in range(1, rounds + 1):
@@ -102,8 +68,7 @@ def run(cfg: RunConfig, store: RunStore, force: bool = False) -> None:
         round_store = RunStore(round_cfg)
         run_id = link_round_run(cfg, round_cfg, k)
         print(f"\n=== round {k}/{rounds}: {round_cfg.run_dir} ===", file=sys.stderr)
-        for stage in ROUND_STAGES:
-            importlib.import_module(f"stages.{stage}").run(round_cfg, round_store, force)
+        run_stages(round_cfg, ROUND_STAGES, force)
         client = tracking.setup(cfg).MlflowClient()
         client.log_param(run_id, "sampled_from", str(previous or "base model"))
         previous = round_store.stage_dir("train") / "model"

@@ -260,8 +260,8 @@ def local_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str
 
 
 def chain_stages() -> list[str]:
-    """The whole chain: every stage whose module exists (all six once the project is complete)."""
-    return cluster.implemented_stages()
+    """The whole chain: all six stages."""
+    return list(STAGES)
 
 
 def _preempt_after_first_checkpoint(sub: cluster.Submission, cfg: RunConfig) -> int:
@@ -465,7 +465,7 @@ def test_request_slurm_rejects_is_reported_and_nothing_queued(
     cfg = load_config(TINY, overrides)
     queued = set(_squeue_ids())
     with pytest.raises(cluster.ClusterError) as e:
-        cluster.submit_chain(cfg, TINY, overrides, stages=cluster.implemented_stages(), echo=False)
+        cluster.submit_chain(cfg, TINY, overrides, stages=list(STAGES), echo=False)
     message = str(e.value)
     assert "SLURM rejected the " in message and slurm_says in message and key in message
     assert set(_squeue_ids()) == queued  # nothing of the chain left queued

@@ -1,5 +1,5 @@
 # Sourced by every stage's batch script: the environment a midpo stage job runs in.
-# `python -m pipeline.cluster submit` (make submit) exports MIDPO_REPO, MIDPO_PYTHON and
+# `python -m stages.cluster submit` (make submit) exports MIDPO_REPO, MIDPO_PYTHON and
 # MIDPO_SETUP; a script submitted by hand (`sbatch cluster/slurm/prepare.sbatch --config X`
 # from the repository) falls back to the submit directory and the `python3` on PATH.
 set -euo pipefail
