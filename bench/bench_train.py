@@ -39,6 +39,9 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+from pipeline.offline import apply_offline_defaults  # noqa: E402
+
+apply_offline_defaults()  # no hub, no telemetry (pipeline/offline.env); the workers run this too
 TRL_VERSION = "1.16.0"
 WORDS = (
     "the film was a quiet and patient study of grief with moments of real warmth but the "
@@ -178,8 +181,8 @@ def ours_worker(spec: dict[str, Any]) -> None:
         prompts=[p["prompt"] for p in pairs],
         chosen=[p["chosen"] for p in pairs],
         rejected=[p["rejected"] for p in pairs],
-        ref_chosen=[r[0] for r in spec["ref"]],
-        ref_rejected=[r[1] for r in spec["ref"]],
+        ref_chosen_logps=[r[0] for r in spec["ref"]],
+        ref_rejected_logps=[r[1] for r in spec["ref"]],
     )
     model_dir = Path(spec["model_dir"])
     objective = make_objective("dpo", beta=0.1)

@@ -256,6 +256,20 @@ def launch(module: str, args: list[str], plan: LaunchPlan) -> int:
     return run_launcher(cmd, env)
 
 
+def exit_reason(code: int) -> str:
+    """The launcher's exit code in words: a rank killed by a signal shows as 256 - signal (the
+    launcher exits with the rank's negative return code) or as 128 + signal (a shell)."""
+    for number in (256 - code, code - 128):
+        if 0 < number < signal.NSIG and code > 128:
+            try:
+                name = signal.Signals(number).name
+            except ValueError:  # a real-time signal: no name of its own
+                name = f"signal {number}"
+            hint = " (out of memory, or killed)" if name == "SIGKILL" else ""
+            return f"a rank was killed by {name}{hint}; launcher exit code {code}"
+    return f"launcher exit code {code}"
+
+
 # -- inside a rank -----------------------------------------------------------------------------
 
 

@@ -28,25 +28,13 @@ from pipeline.cli import stage_main
 from pipeline.config import RunConfig
 from pipeline.runstore import RunStore, atomic_write_bytes, atomic_write_json
 
-
-def up_to_date(store: RunStore) -> bool:
-    """The same test ``store.stage`` makes, without opening the stage (no ranks started)."""
-    current = store.complete_manifest("train")
-    return (
-        current is not None
-        and current.get("config_hash") == store.expected_hash("train")
-        and current.get("input_hashes") == {"score": store.require("score")["output_hash"]}
-    )
+INPUTS = ["score"]
 
 
 def launch(cfg: RunConfig, store: RunStore, force: bool) -> None:
     """Check, then start every rank of this node; exit with the launcher's code on failure."""
-    if not force and up_to_date(store):
-        print(
-            f"[train] up to date in {store.stage_dir('train')} (config and inputs unchanged); "
-            "skipping. Use --force to rerun.",
-            file=sys.stderr,
-        )
+    if not force and store.up_to_date("train", INPUTS):
+        store.report_skip("train")
         return
     plan = distributed.launch_plan(cfg.train.nproc)
     training.make_plan(cfg, store, plan.world_size)  # bad input fails here, before any rank
@@ -59,26 +47,10 @@ def launch(cfg: RunConfig, store: RunStore, force: bool) -> None:
     code = distributed.launch("stages.train", args, plan)
     if code != 0:
         print(
-            f"midpo train: error: training failed ({_exit_reason(code)}); see above",
+            f"midpo train: error: training failed ({distributed.exit_reason(code)}); see above",
             file=sys.stderr,
         )
         raise SystemExit(code)
-
-
-def _exit_reason(code: int) -> str:
-    """The launcher's exit code in words: a rank killed by a signal shows as 256 - signal (the
-    launcher exits with the rank's negative return code) or as 128 + signal (a shell)."""
-    import signal
-
-    for number in (256 - code, code - 128):
-        if 0 < number < signal.NSIG and code > 128:
-            try:
-                name = signal.Signals(number).name
-            except ValueError:  # a real-time signal: no name of its own
-                name = f"signal {number}"
-            hint = " (out of memory, or killed)" if name == "SIGKILL" else ""
-            return f"a rank was killed by {name}{hint}; launcher exit code {code}"
-    return f"launcher exit code {code}"
 
 
 def train_rank(cfg: RunConfig, store: RunStore, force: bool) -> None:
@@ -90,7 +62,7 @@ def train_rank(cfg: RunConfig, store: RunStore, force: bool) -> None:
     try:
         with contextlib.ExitStack() as stack:
             st = (
-                stack.enter_context(store.stage("train", inputs=["score"], force=force))
+                stack.enter_context(store.stage("train", inputs=INPUTS, force=force))
                 if ranks.is_main
                 else None
             )
@@ -111,20 +83,10 @@ def train_rank(cfg: RunConfig, store: RunStore, force: bool) -> None:
                     )
                 )
                 log = _mlflow_logger()
-            plan = training.make_plan(
-                cfg,
-                store,
-                ranks.world_size,
-                log=log,
-                output_dir=st.dir / "model" if st is not None else None,
-            )
-            if force and ranks.is_main:
-                shutil.rmtree(plan.checkpoint_dir, ignore_errors=True)
-            if ranks.is_main:  # checkpoints of other configs or data can never be resumed
-                for stale in plan.checkpoint_dir.parent.glob("ckpt-*"):
-                    if stale != plan.checkpoint_dir:
-                        shutil.rmtree(stale, ignore_errors=True)
-                plan.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+            output_dir = st.dir / "model" if st is not None else None
+            plan = training.make_plan(cfg, store, ranks.world_size, log=log, output_dir=output_dir)
+            if ranks.is_main:
+                training.prepare_checkpoint_dir(plan.checkpoint_dir, fresh=force)
             distributed.barrier()
             trainer = training.Trainer(plan, ranks)
             trainer.build()
@@ -133,7 +95,8 @@ def train_rank(cfg: RunConfig, store: RunStore, force: bool) -> None:
             if st is not None:
                 shutil.copyfile(result.metrics_path, st.dir / "metrics.jsonl")
                 atomic_write_json(st.dir / "export_check.json", result.export_check)
-                st.record(**_summary(cfg, plan, result, partition, ranks, mlflow_run))
+                run_id = mlflow_run.info.run_id if mlflow_run is not None else None
+                st.record(**training.summary(plan, result, partition, ranks, run_id))
                 print(
                     f"[train] {result.steps} steps, final loss {result.final_loss:.4f}, "
                     f"{result.tokens_per_s:.0f} tokens/s -> {st.final_dir / 'model'}",
@@ -155,38 +118,6 @@ def _mlflow_logger() -> Any:
         mlflow.log_metrics({k.replace(":", "_"): v for k, v in metrics.items()}, step=step)
 
     return log
-
-
-def _summary(
-    cfg: RunConfig,
-    plan: training.TrainPlan,
-    result: training.TrainResult,
-    partition: list[dict[str, Any]],
-    ranks: distributed.Ranks,
-    mlflow_run: Any,
-) -> dict[str, Any]:
-    return {
-        "objective": cfg.train.objective,
-        "objective_hparams": dict(getattr(plan.objective, "hparams", {})),
-        "steps": result.steps,
-        "final_loss": result.final_loss,
-        "resumed_from_step": result.resumed_from,
-        "mlflow_run_id": mlflow_run.info.run_id if mlflow_run is not None else None,
-        "world_size": ranks.world_size,
-        "nodes": ranks.world_size // ranks.local_world_size,
-        "precision": cfg.train.precision,
-        "reference": plan.reference_mode,
-        "policy_init_dir": str(plan.policy_dir),
-        "reference_model_dir": str(plan.reference_dir),
-        "pairs": len(plan.data),
-        "truncation": plan.data.report.as_dict(),
-        "zero_partition": partition,
-        "ds_config": plan.ds_config,
-        "tokens_per_s": result.tokens_per_s,
-        "train_seconds": result.seconds,
-        "export_max_abs_diff": result.export_check.get("max_abs_diff"),
-        "checkpoint_dir": str(plan.checkpoint_dir),
-    }
 
 
 def run(cfg: RunConfig, store: RunStore, force: bool = False) -> None:

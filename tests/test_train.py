@@ -29,7 +29,7 @@ import pytest
 
 from pipeline import distributed, training
 from pipeline.cli import exit_cleanly
-from pipeline.config import ConfigError, RunConfig, load_config
+from pipeline.config import ConfigError, RunConfig, build_objective, load_config
 from pipeline.data import DataError, read_rows, write_rows
 from pipeline.runstore import RunStore, StageError
 from tests.conftest import TINY, run_stage
@@ -191,8 +191,8 @@ def test_load_pairs_counts_truncation_and_rejects_bad_rows(
         len(r["prompt_token_ids"]) > 32 for r in rows[:1] + rows[2:]
     )
     # reference log-probs are cut with their response
-    assert data.ref_chosen is not None
-    assert all(len(a) == len(b) for a, b in zip(data.ref_chosen, data.chosen, strict=True))
+    assert data.ref_chosen_logps is not None
+    assert all(len(a) == len(b) for a, b in zip(data.ref_chosen_logps, data.chosen, strict=True))
 
     rows = [dict(r) for r in pairs_root["rows"]]
     rows[4]["ref_rejected_logps"] = [math.nan] * len(rows[4]["rejected_token_ids"])
@@ -340,15 +340,15 @@ def test_global_batch_split_covers_every_pair_once(size: int) -> None:
 
 def test_launcher_exit_code_in_words() -> None:
     """A failed job's exit code names the killing signal, also a real-time one (no enum name)."""
-    from stages.train import _exit_reason
+    from pipeline.distributed import exit_reason
 
-    assert _exit_reason(1) == "launcher exit code 1"
-    assert "SIGKILL (out of memory, or killed)" in _exit_reason(137)  # 128 + 9 (a shell)
-    assert "SIGKILL" in _exit_reason(256 - 9)  # the launcher: the rank's -9
-    assert "by SIGTERM;" in _exit_reason(128 + signal.SIGTERM)
+    assert exit_reason(1) == "launcher exit code 1"
+    assert "SIGKILL (out of memory, or killed)" in exit_reason(137)  # 128 + 9 (a shell)
+    assert "SIGKILL" in exit_reason(256 - 9)  # the launcher: the rank's -9
+    assert "by SIGTERM;" in exit_reason(128 + signal.SIGTERM)
     rt = signal.SIGRTMIN + 5
-    assert f"by signal {rt};" in _exit_reason(256 - rt)
-    assert f"by signal {rt};" in _exit_reason(128 + rt)
+    assert f"by signal {rt};" in exit_reason(256 - rt)
+    assert f"by signal {rt};" in exit_reason(128 + rt)
 
 
 def test_deepspeed_config_auto_and_contradictions(tmp_path: Path) -> None:
@@ -697,7 +697,7 @@ def _worker_plan(cfg: RunConfig, store: RunStore, world: int, **train: Any) -> A
         max_length=cfg.model.max_length,
         max_prompt_length=cfg.model.max_prompt_length,
     )
-    objective = training.build_objective(tc)
+    objective = build_objective(tc)
     policy, reference, score_ref = training.model_dirs(cfg, store)
     mode = training.choose_reference(objective, tc, data, reference == score_ref)
     ds = training.deepspeed_config(tc.ds_config, tc, world, hidden_size=64)
@@ -772,9 +772,9 @@ def _sweep_worker(root: str, cache: str, name: str, out: str) -> None:
     plan = _worker_plan(cfg, store, world, checkpoint_every=1, max_steps=None, epochs=1)
     plan.checkpoints = True
     poisoned = len(plan.data) - 1
-    assert plan.data.ref_chosen is not None
+    assert plan.data.ref_chosen_logps is not None
     plan.data.chosen[poisoned] = plan.data.chosen[poisoned][:1] * 12
-    plan.data.ref_chosen[poisoned] = [3.0e38] * 12
+    plan.data.ref_chosen_logps[poisoned] = [3.0e38] * 12
     trainer = training.Trainer(plan, ranks)
     try:
         trainer.build()

@@ -1,0 +1,302 @@
+"""The training loop of one rank: micro-batches through the engines, one optimizer step at a time.
+
+Every loss is a mean over the real pairs of the optimizer step (so batch 1 x accumulation 4 equals
+4 x 1); metrics are means over the global batch (``global_means``: one all-reduce a step). A
+non-finite loss stops every rank before the step is applied (``non_finite_error``). The engines,
+the checkpoints and the export are their own pieces (``engines``, ``checkpoints``, ``export``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sys
+import time
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from pipeline import distributed
+from pipeline.training.batching import (
+    SHARED_PROMPT_TOLERANCE,
+    MicroBatch,
+    collate,
+    split_global_batch,
+)
+from pipeline.training.checkpoints import Checkpoints, read_latest, truncate_metrics
+from pipeline.training.engines import Engines, build_engines
+from pipeline.training.errors import TrainingError
+from pipeline.training.export import export
+from pipeline.training.plan import TrainPlan, TrainResult
+
+PROBE_PAIRS = 4  # pairs whose log-probs the export check compares
+
+
+class Trainer:
+    """One rank's training run. Every rank builds one; rank 0 also logs and exports."""
+
+    def __init__(self, plan: TrainPlan, ranks: distributed.Ranks) -> None:
+        self.plan = plan
+        self.ranks = ranks
+        self.objective = plan.objective
+        self.device = distributed.current_device()
+        self.lengths = plan.data.lengths
+        self.checkpoints = Checkpoints(plan, ranks)
+        self._engines: Engines | None = None
+        self._order: tuple[int, list[list[int]]] | None = None  # (epoch, its global batches)
+
+    @property
+    def engines(self) -> Engines:
+        if self._engines is None:
+            raise RuntimeError("Trainer.build() must run before training")
+        return self._engines
+
+    def build(self) -> None:
+        self._engines = build_engines(self.plan)
+
+    def partition(self) -> dict[str, Any]:
+        return {**self.engines.partition(), "rank": self.ranks.rank}
+
+    def close(self) -> None:
+        """Drop the engines (several trainers may run one after another in a process)."""
+        import gc
+
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()  # also after a failed build
+        self._engines = None
+        gc.collect()
+
+    # -- the loop ------------------------------------------------------------------------------
+    def fit(self) -> TrainResult:
+        plan, main = self.plan, self.ranks.is_main
+        total = plan.total_steps
+        start = self.checkpoints.resume(self.engines)
+        if plan.train.share_prompt:
+            self.check_shared_prompt()
+        metrics_path = plan.checkpoint_dir / "metrics.jsonl"
+        if main:
+            plan.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+            truncate_metrics(metrics_path, start)
+        bar = _progress_bar(total, start, enabled=main)
+        last_loss = float("nan")
+        started = time.time()
+        tokens_total = 0
+        history: list[dict[str, float]] = []
+        self.engines.policy.train()
+        for step in range(start, total):
+            metrics = self.step(step)
+            tokens_total += int(metrics["tokens"])
+            last_loss = metrics["loss"]
+            history.append({"step": step + 1, **metrics})
+            if main:
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps({"step": step + 1, **metrics}) + "\n")
+                if plan.log is not None:
+                    plan.log(step + 1, metrics)
+                bar.set_postfix(
+                    loss=f"{last_loss:.4f}",
+                    acc=f"{metrics['rewards/accuracies']:.2f}",
+                    tok_s=f"{metrics['tokens_per_s']:.0f}",
+                )
+                bar.update(1)
+            every = plan.train.checkpoint_every
+            if plan.checkpoints and ((step + 1) % every == 0 or step + 1 == total):
+                self.checkpoints.save(step + 1, self.engines)
+        bar.close()
+        if not history and main and metrics_path.is_file():  # resumed after the last step
+            lines = metrics_path.read_text().splitlines()
+            last_loss = json.loads(lines[-1])["loss"] if lines else last_loss
+        seconds = time.time() - started
+        export_check = export(plan, self.engines, self._probe(), main) if plan.export else {}
+        return TrainResult(
+            steps=total,
+            final_loss=last_loss,
+            resumed_from=start,
+            export_check=export_check,
+            metrics_path=metrics_path,
+            seconds=seconds,
+            history=history,
+            tokens_per_s=tokens_total / seconds if seconds > 0 else 0.0,
+        )
+
+    def step(self, step: int) -> dict[str, float]:
+        """Optimizer step ``step`` (0-based) on every rank; its metrics (global means)."""
+        plan, t, engines = self.plan, self.plan.train, self.engines
+        epoch, index = divmod(step, plan.steps_per_epoch)
+        global_batch = self._epoch_order(epoch)[index]
+        accum, world = t.gradient_accumulation_steps, self.ranks.world_size
+        micro = split_global_batch(global_batch, self.lengths, world, accum, self.ranks.rank)
+        t0 = time.time()
+        lrs = engines.learning_rates()  # the rates this step uses
+        sums, tokens = self._policy_step(step, micro, global_batch)
+        if engines.marginal is not None and (step + 1) % t.marginal_prior_every == 0:
+            sums["marginal/nll"] = self._marginal_step(micro, global_batch)
+        metrics, tokens_global = global_means(sums, tokens, len(global_batch), self.device)
+        metrics |= engines.step_figures(lrs)
+        metrics |= {
+            "tokens": tokens_global,
+            "epoch": float(epoch),
+            "pairs": float(len(global_batch)),
+        }
+        step_time = time.time() - t0  # the whole step: forward, backward, update, metrics
+        metrics["step_time_s"] = step_time
+        metrics["tokens_per_s"] = metrics["tokens"] / step_time if step_time > 0 else 0.0
+        return metrics
+
+    def _epoch_order(self, epoch: int) -> list[list[int]]:
+        """The epoch's global batches (computed once per epoch)."""
+        if self._order is None or self._order[0] != epoch:
+            self._order = (epoch, self.plan.epoch_order(epoch, self.lengths))
+        return self._order[1]
+
+    # -- one optimizer step ----------------------------------------------------------------------
+    def _policy_step(
+        self, step: int, micro: list[list[int]], global_batch: list[int]
+    ) -> tuple[dict[str, float], int]:
+        """Forward/backward every micro-batch, then the optimizer step. Returns summed metrics."""
+        engines = self.engines
+        world, accum = self.ranks.world_size, self.plan.train.gradient_accumulation_steps
+        scale = world * accum / len(global_batch)  # makes the loss a mean over the global batch
+        sums: dict[str, float] = {}
+        tokens = 0
+        for m, indices in enumerate(micro):
+            batch = self._micro_batch(indices, filler=global_batch[0])
+            ref = engines.reference_outputs(batch)
+            marginal = engines.marginal_logps(batch)
+            out = engines.policy(
+                batch.as_dict(), ref=ref, ref_head=engines.reference_head, marginal=marginal
+            )
+            losses = out["losses"]
+            extra = out["loss"] - losses.mean()  # terms beyond the pair losses (SimPO's SFT)
+            loss = scale * (
+                (losses * batch.row_weight.to(losses.dtype)).sum() + batch.num_real * extra
+            )
+            if not distributed.all_true(bool(torch.isfinite(loss.detach()).item())):
+                raise non_finite_error(step, m, batch, losses, self.plan)
+            engines.policy.backward(loss)
+            engines.policy.step()
+            for key, value in out["metrics"].items():
+                sums[key] = sums.get(key, 0.0) + value * batch.num_real
+            tokens += batch.num_tokens
+        return sums, tokens
+
+    def _marginal_step(self, micro: list[list[int]], global_batch: list[int]) -> float:
+        """One maximum-likelihood step of the marginal prior on this step's responses."""
+        from pipeline.objectives import marginal_prior_nll
+
+        marginal = self.engines.marginal
+        assert marginal is not None
+        world, accum = self.ranks.world_size, self.plan.train.gradient_accumulation_steps
+        scale = world * accum / len(global_batch)
+        total = 0.0
+        marginal.train()
+        for indices in micro:
+            batch = self._micro_batch(indices, filler=global_batch[0])
+            logps, mask = marginal(batch.as_dict())
+            nll = marginal_prior_nll(logps, mask)
+            marginal.backward(nll * batch.num_real * scale)
+            marginal.step()
+            total += float(nll.detach()) * batch.num_real
+        return total
+
+    # -- micro-batches -------------------------------------------------------------------------
+    def _micro_batch(self, indices: list[int], filler: int) -> MicroBatch:
+        plan, objective = self.plan, self.objective
+        batch = collate(
+            plan.data,
+            indices,
+            filler,
+            self.engines.pad_id,
+            ref_logps=plan.reference_mode == "precomputed",
+            weights=plan.data.has_weights and objective.needs_token_weights,
+            prompt_free=objective.marginal_source is not None,
+            share_prompt=plan.train.share_prompt,
+        )
+        return batch.to(self.device)
+
+    def _probe(self) -> MicroBatch:
+        """The first pairs as separate sequences (the export check's yardstick)."""
+        indices = list(range(min(PROBE_PAIRS, len(self.plan.data))))
+        return dataclasses.replace(self._micro_batch(indices, filler=0), packed_ids=None)
+
+    def check_shared_prompt(self) -> None:
+        """The shared-prompt forward must give the two-sequence forward's log-probs.
+
+        A model whose attention ignores custom 4D masks (e.g. flash-attention-2) would let the
+        rejected response see the chosen one; this catches it before any step.
+        """
+        batch = self._micro_batch(list(range(min(2, len(self.plan.data)))), filler=0)
+        separate = dataclasses.replace(batch, packed_ids=None)
+        shared_logps, separate_logps = self.engines.policy_logps([batch, separate])
+        mask = batch.response_mask
+        diff = float(((shared_logps - separate_logps).abs() * mask).sum() / mask.sum())
+        limit = SHARED_PROMPT_TOLERANCE[self.plan.train.precision]
+        if diff > limit:
+            raise TrainingError(
+                f"train.share_prompt: this model's shared-prompt forward differs from two "
+                f"separate sequences by {diff:.3g} nats per token (limit {limit}); its attention "
+                "probably ignores custom 4D masks. Set train.share_prompt=false"
+            )
+
+
+def _progress_bar(total: int, start: int, enabled: bool) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(
+        total=total,
+        initial=start,
+        unit="step",
+        desc="train",
+        disable=not enabled,
+        dynamic_ncols=True,
+        file=sys.stderr,
+    )
+
+
+# -- metric reduction and the NaN guard ------------------------------------------------------------
+
+
+def global_means(
+    sums: dict[str, float], tokens: int, n_global: int, device: Any
+) -> tuple[dict[str, float], float]:
+    """Per-rank metric sums -> means over the global batch, and the global token count.
+
+    One all-reduce. Sums of (batch mean x real pairs) over micro-batches and ranks / pairs =
+    global means; values that are the same everywhere (learnable prior parameters) come out
+    unchanged.
+    """
+    import torch.distributed as dist
+
+    keys = sorted(sums)
+    values = torch.tensor(
+        [sums[k] for k in keys] + [float(tokens)], dtype=torch.float64, device=device
+    )
+    if dist.is_initialized():
+        dist.all_reduce(values)
+    totals = values.tolist()
+    means = {k: v / n_global for k, v in zip(keys, totals[:-1], strict=True)}
+    return means, totals[-1]
+
+
+def non_finite_error(
+    step: int, micro_step: int, batch: MicroBatch, losses: Tensor, plan: TrainPlan
+) -> TrainingError:
+    """What stops training at a non-finite loss: the pairs (from every rank) and the last good
+    checkpoint. Every rank calls it together (it gathers)."""
+    bad = [
+        pid
+        for pid, value in zip(batch.pair_ids, losses.tolist(), strict=False)
+        if not math.isfinite(value)
+    ]
+    everywhere = sorted({p for part in distributed.gather_objects(bad) for p in part})
+    latest = read_latest(plan.checkpoint_dir)
+    kept = f"step {latest['step']} in {plan.checkpoint_dir}" if latest else "none yet"
+    return TrainingError(
+        f"non-finite loss at optimizer step {step + 1}, micro-batch {micro_step + 1} "
+        f"(pairs {', '.join(everywhere) or 'unknown'}); stopped before applying it. Last good "
+        f"checkpoint: {kept}. Lower train.learning_rate or fix those pairs, then rerun to "
+        "resume"
+    )
