@@ -1,8 +1,8 @@
 """Evaluation metrics: pure numpy functions of rewards, log-probs and texts.
 
 Everything here is deterministic given its inputs (the bootstrap takes a seed) so the tests
-check each metric against values worked out by hand. The evaluate stage gathers the inputs
-(samples, rewards, sequence log-probs under the policy and the reference) and calls these.
+check each metric against values worked out by hand. ``pipeline.evaluation_steps`` gathers the
+inputs (samples, rewards, sequence log-probs under the policy and the reference) and calls these.
 
 Conventions: a "sequence log-prob" is the sum of per-token log-probs of the response tokens
 only (prompt and padding never count). Groups are per prompt: ``list[array]`` with one array of

@@ -17,17 +17,21 @@ Log-probs are the model's raw distribution (before temperature / top-p), vLLM's 
 from __future__ import annotations
 
 import atexit
+import gc
 import hashlib
 import os
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from pipeline.data import DataError
+from pipeline.config import RunConfig, config_hash
+from pipeline.data import DataError, read_rows, write_rows
 from pipeline.models import ModelError, check_model_folder, load_causal_lm, load_tokenizer
+from pipeline.records import SampleRecord
 
 
 class GenerationError(DataError):
@@ -44,6 +48,14 @@ class SamplingSettings:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def settings_for(cfg: RunConfig, n: int) -> SamplingSettings:
+    """The run's sampling settings (``generate.*``) with ``n`` samples per prompt."""
+    g = cfg.generate
+    return SamplingSettings(
+        n=n, temperature=g.temperature, top_p=g.top_p, max_tokens=g.max_tokens, seed=g.seed
+    )
 
 
 @dataclass
@@ -148,6 +160,22 @@ def prepare_prompts(
         ids_out.append(list(ids))
         texts_out.append(text)
     return PreparedPrompts(ids_out, texts_out, truncated)
+
+
+def prompts_for(
+    cfg: RunConfig, tokenizer: Any, rows: Sequence[dict[str, Any]], source: str
+) -> PreparedPrompts:
+    """``prepare_prompts`` on rows {prompt_id, prompt, prompt_text} with the run's limits
+    (model.max_prompt_length, generate.long_prompts)."""
+    return prepare_prompts(
+        tokenizer,
+        [str(r["prompt_id"]) for r in rows],
+        [r["prompt"] for r in rows],
+        [r["prompt_text"] for r in rows],
+        cfg.model.max_prompt_length,
+        cfg.generate.long_prompts,
+        source,
+    )
 
 
 # -- transformers backend ------------------------------------------------------------------------
@@ -365,8 +393,6 @@ def release_vllm_engine() -> None:
     _ENGINE.pop("key", None)
     if llm is None:
         return
-    import gc
-
     engine = getattr(llm, "llm_engine", None)
     shutdown = getattr(getattr(engine, "engine_core", None), "shutdown", None)
     if callable(shutdown):
@@ -375,9 +401,33 @@ def release_vllm_engine() -> None:
     gc.collect()
 
 
+def live_vllm_engine() -> Any | None:
+    """The process's cached vLLM engine, if one is running."""
+    return _ENGINE.get("llm")
+
+
 # An engine still alive at interpreter shutdown sometimes aborts the process there ("terminate
 # called without an active exception", after the stage finished): shut it down first.
 atexit.register(release_vllm_engine)
+
+
+def vllm_for(cfg: RunConfig, model_dir: Path, dtype: str) -> Any:
+    """The process's vLLM engine for a folder with the run's parallelism and memory settings
+    (``generate.*``): sampling, vLLM log-probs and the judge all start engines through here, so
+    one started for the same folder and dtype is reused."""
+    g = cfg.generate
+    return vllm_engine(
+        model_dir,
+        dtype=dtype,
+        seed=g.seed,
+        device=g.device,
+        tensor_parallel_size=g.tensor_parallel_size,
+        data_parallel_size=g.data_parallel_size,
+        max_model_len=g.max_model_len,
+        gpu_memory_utilization=g.gpu_memory_utilization,
+        kv_cache_gib=g.kv_cache_gib,
+        trust_remote_code=cfg.model.trust_remote_code,
+    )
 
 
 class VLLMSampler:
@@ -416,6 +466,23 @@ class VLLMSampler:
         return result
 
 
+def sampler_for(cfg: RunConfig, model_dir: Path) -> Sampler:
+    """A sampler for a model folder with the run's backend and settings (``generate.*``)."""
+    g = cfg.generate
+    check_sampling_model(model_dir)
+    if g.backend == "transformers":
+        return TransformersSampler(
+            model_dir,
+            dtype=g.dtype,
+            device=g.device,
+            trust_remote_code=cfg.model.trust_remote_code,
+            allow_pickle=cfg.model.allow_pickle_weights,
+        )
+    if g.backend == "vllm":
+        return VLLMSampler(vllm_for(cfg, model_dir, g.dtype))
+    raise ModelError(f"unknown generate.backend {g.backend!r}")
+
+
 # -- running a sampler over many prompts ----------------------------------------------------------
 def generate_rows(
     sampler: Sampler,
@@ -446,9 +513,10 @@ def generate_rows(
             e = min(b + step, stop)
             completions = sampler.sample(prompts.token_ids[b:e], seeds[b:e], settings)
             for i, comps in zip(range(b, e), completions, strict=True):
-                chunk_rows.append(
-                    sample_row(rows[i], prompts.token_ids[i], prompts.texts[i], comps, tokenizer)
+                record = sample_row(
+                    rows[i], prompts.token_ids[i], prompts.texts[i], comps, tokenizer
                 )
+                chunk_rows.append(record.as_row())
             yield e - b, sum(len(c.token_ids) for comps in completions for c in comps)
         save_chunk(c, chunk_rows)
 
@@ -459,59 +527,111 @@ def sample_row(
     prompt_text: str,
     completions: list[Completion],
     tokenizer: Any,
-) -> dict[str, Any]:
-    """One output row (the generate stage's samples.parquet schema)."""
-    return {
-        "prompt_id": str(row["prompt_id"]),
-        "prompt": row["prompt"],
-        "prompt_text": prompt_text,
-        "prompt_token_ids": list(prompt_ids),
-        "responses": [tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in completions],
-        "response_token_ids": [list(c.token_ids) for c in completions],
-        "finish_reasons": [c.finish_reason for c in completions],
-        "sampling_logprobs": [list(c.logprobs) for c in completions],
-    }
+) -> SampleRecord:
+    """One prompt's samples (a row of the generate stage's samples.parquet)."""
+    return SampleRecord(
+        prompt_id=str(row["prompt_id"]),
+        prompt=row["prompt"],
+        prompt_text=prompt_text,
+        prompt_token_ids=list(prompt_ids),
+        responses=[tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in completions],
+        response_token_ids=[list(c.token_ids) for c in completions],
+        finish_reasons=[c.finish_reason for c in completions],
+        sampling_logprobs=[list(c.logprobs) for c in completions],
+    )
 
 
-def make_sampler(
-    backend: str,
+class ChunkStore:
+    """Finished chunks of sample rows in one folder, each written atomically: a per-process
+    temp file renamed into place (the folder may be shared between runs), removed on failure."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    def path(self, chunk: int) -> Path:
+        return self.folder / f"chunk-{chunk:05d}.parquet"
+
+    def load(self, chunk: int) -> list[dict[str, Any]] | None:
+        path = self.path(chunk)
+        return read_rows(path) if path.is_file() else None
+
+    def save(self, chunk: int, rows: list[dict[str, Any]]) -> None:
+        path = self.path(chunk)
+        tmp = path.with_suffix(f".tmp-{os.getpid()}")
+        try:
+            write_rows(tmp, rows)
+            tmp.replace(path)
+        finally:
+            tmp.unlink(missing_ok=True)  # a failed write (full disk) leaves nothing behind
+
+
+def sample_resumable(
+    cfg: RunConfig,
     model_dir: Path,
-    *,
-    dtype: str,
-    device: str,
-    seed: int,
-    tensor_parallel_size: int = 1,
-    data_parallel_size: int = 1,
-    max_model_len: int | None = None,
-    gpu_memory_utilization: float = 0.85,
-    kv_cache_gib: int = 1,
-    trust_remote_code: bool = False,
-    allow_pickle: bool = False,
-) -> Sampler:
-    check_sampling_model(model_dir)
-    if backend == "transformers":
-        return TransformersSampler(
-            model_dir,
-            dtype=dtype,
-            device=device,
-            trust_remote_code=trust_remote_code,
-            allow_pickle=allow_pickle,
-        )
-    if backend == "vllm":
-        llm = vllm_engine(
-            model_dir,
-            dtype=dtype,
-            seed=seed,
-            device=device,
-            tensor_parallel_size=tensor_parallel_size,
-            data_parallel_size=data_parallel_size,
-            max_model_len=max_model_len,
-            gpu_memory_utilization=gpu_memory_utilization,
-            kv_cache_gib=kv_cache_gib,
-            trust_remote_code=trust_remote_code,
-        )
-        return VLLMSampler(llm)
-    raise ModelError(f"unknown generate.backend {backend!r}")
+    tokenizer: Any,
+    rows: Sequence[dict[str, Any]],
+    prompts: PreparedPrompts,
+    settings: SamplingSettings,
+    scratch: Path,
+    key: Any,
+    desc: str,
+) -> tuple[list[dict[str, Any]], Throughput]:
+    """Sample every prompt from ``model_dir`` with the run's backend (``generate.*``), in chunks
+    of ``generate.chunk_size`` prompts kept under ``scratch``; returns the rows in prompt order
+    and the sampling throughput.
+
+    Chunks finished by a killed run are reused only for the same ``key`` (what the samples
+    depend on: config, inputs, model path and contents); the model is loaded only when a chunk
+    is missing. Per-prompt seeds make a resumed result identical to an uninterrupted one.
+    """
+    g = cfg.generate
+    chunks = ChunkStore(scratch / config_hash(key))
+    chunks.folder.mkdir(parents=True, exist_ok=True)
+    n_chunks = (len(rows) + g.chunk_size - 1) // g.chunk_size
+    speed = Throughput()
+    if any(chunks.load(c) is None for c in range(n_chunks)):  # else: all kept from a killed run
+        from tqdm import tqdm
+
+        sampler = sampler_for(cfg, model_dir)
+        speed = Throughput()  # sampling only, not the model's start-up
+        bar = tqdm(total=len(rows), unit="prompt", desc=desc)
+        for done, tokens in generate_rows(
+            sampler,
+            tokenizer,
+            rows,
+            prompts,
+            settings,
+            g.batch_size,
+            g.chunk_size,
+            chunks.load,
+            chunks.save,
+        ):
+            bar.update(done)
+            bar.set_postfix(tok_s=f"{speed.add(tokens):.1f}")
+        bar.close()
+        del sampler
+        gc.collect()
+    samples = [r for c in range(n_chunks) for r in (chunks.load(c) or [])]
+    assert len(samples) == len(rows), f"a sampled chunk went missing from {chunks.folder}"
+    return samples, speed
+
+
+def samples_summary(
+    samples: Sequence[dict[str, Any]], prompts: PreparedPrompts, speed: Throughput
+) -> dict[str, Any]:
+    """Counts for the generate manifest and MLflow: samples, tokens, finish reasons, speed."""
+    lengths = [len(t) for r in samples for t in r["response_token_ids"]]
+    reasons = Counter(f for r in samples for f in r["finish_reasons"])
+    return {
+        "prompts": len(samples),
+        "samples": len(lengths),
+        "truncated_prompts": sum(prompts.truncated),
+        "generated_tokens": sum(lengths),
+        "mean_response_tokens": sum(lengths) / max(len(lengths), 1),
+        "finish_stop": reasons.get("stop", 0),
+        "finish_length": reasons.get("length", 0),
+        "tokens_per_s": speed.rate,
+    }
 
 
 class Throughput:

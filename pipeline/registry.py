@@ -29,6 +29,7 @@ import fcntl
 import hashlib
 import json
 import os
+import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -36,7 +37,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import GateConfig
+from pipeline.config import GateConfig, RunConfig
 from pipeline.runstore import StageError
 
 CHAMPION = "champion"
@@ -457,3 +458,36 @@ def download_version(client: Any, name: str, version: str, dest: Path) -> Path:
             f"'{POLICY_ARTIFACT}' artifact)"
         ) from None
     return dest / rel
+
+
+def resolve_baseline(cfg: RunConfig, reference_dir: Path) -> dict[str, Any]:
+    """Evaluation's baseline ``{kind, version, model_dir}``: the reference, or with
+    ``evaluate.baseline=champion`` the registry's champion (downloaded once under cache_dir;
+    the reference, with a ``note``, while there is none)."""
+    reference = {"kind": "reference", "version": None, "model_dir": str(reference_dir)}
+    if cfg.evaluate.baseline == "reference":
+        return reference
+    from pipeline import tracking
+
+    mlflow = tracking.setup(cfg)
+    client = mlflow.MlflowClient()
+    name = cfg.promote.registered_model
+    reg = Registry(client, name)
+    champion = reg.by_alias(CHAMPION) if reg.exists() else None
+    if champion is None:
+        print(
+            f"[evaluate] registered model {name!r} has no champion yet: the baseline is the "
+            "reference",
+            file=sys.stderr,
+        )
+        return {**reference, "note": f"no champion in {name!r}; fell back to the reference"}
+    version = str(champion.version)
+    folder = download_version(
+        client, name, version, Path(cfg.cache_dir) / "registry" / f"{name}-v{version}"
+    )
+    return {
+        "kind": "champion",
+        "version": version,
+        "model_dir": str(folder),
+        "registered_model": name,
+    }

@@ -11,10 +11,13 @@ Scorers (all map a batch of (prompt, response) to one float each):
   response's score is its mean win probability;
 - DICE's implicit reward beta * (log pi_policy(y|x) - log pi_ref(y|x)) (``implicit_rewards``).
 
+``scorer_for(cfg)`` builds the run's scorer (``score.scorer``) for score and evaluate alike.
+
 Pairs (``build_pairs``): per prompt, duplicates are merged, truncated and unscorable responses
 removed (counted), then best-vs-worst, every pair above a margin, or a random pair is taken on
 the selection score reward - alpha * length (alpha = 0 unless DICE's length regularisation is on;
-``length_balanced_alpha`` picks it so mean chosen and rejected lengths balance).
+``length_balanced_alpha`` picks it so mean chosen and rejected lengths balance). Pair rows,
+reference log-probs and TIS-DPO weights: ``pipeline.pairing``.
 """
 
 from __future__ import annotations
@@ -31,7 +34,8 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.generation import resolve_device
+from pipeline.config import RunConfig
+from pipeline.generation import live_vllm_engine, release_vllm_engine, resolve_device, vllm_for
 from pipeline.models import ModelError, check_model_folder, load_tokenizer, render_prompt
 from pipeline.runstore import StageError
 
@@ -433,77 +437,98 @@ def describe_errors(errors: dict[int, str], where: Callable[[int], str], limit: 
     return "\n".join(lines)
 
 
-def warn(message: str) -> None:
-    print(f"[score] {message}", file=sys.stderr)
+def warn(stage: str, message: str) -> None:
+    """A warning on stderr, labelled with the stage that gives it."""
+    print(f"[{stage}] {message}", file=sys.stderr)
 
 
-# -- text pairs (offline mode, replay) -------------------------------------------------------------
-def text_pairs(
-    rows: Sequence[dict[str, Any]], tokenizer: Any, cfg: Any, source: str, where: str
-) -> tuple[list[dict[str, Any]], dict[str, int]]:
-    """Preference rows {prompt_id, prompt, prompt_text, chosen, rejected} -> pair rows.
+def config_model_dir(value: str | None, key: str, default: Path | None = None) -> Path:
+    """A model folder named by config key ``key`` (``default`` when the key is unset): resolved
+    and checked, errors naming the key."""
+    if value is None:
+        if default is None:
+            raise ModelError(f"{key}: no model folder given")
+        return default
+    path = Path(value).expanduser().resolve()
+    try:
+        return check_model_folder(path)
+    except ModelError as e:
+        raise ModelError(f"{key}: {e}") from None
 
-    The prompt is tokenised once (truncated or refused per generate.long_prompts), each response
-    appended with EOS (``tokenize_response``) and cut to fit model.max_length.
+
+# -- the run's scorer ------------------------------------------------------------------------------
+class RunScorer:
+    """The run's scorer (``score.scorer``): rewards every response of each prompt's group.
+
+    Calling it returns the rewards flattened prompt-major (NaN where invalid) and {flat index:
+    why} for the invalid ones. A reward function or reward model scores each response on its
+    own; the judge compares the responses of a group with each other. ``close`` (or leaving the
+    ``with`` block) shuts down the judge's vLLM engine if this scorer started it; an engine that
+    was already running (generate's, in the same process) is left for the next user.
     """
-    from pipeline.generation import prepare_prompts
-    from pipeline.reference import tokenize_response
 
-    prepared = prepare_prompts(
-        tokenizer,
-        [str(r["prompt_id"]) for r in rows],
-        [r["prompt"] for r in rows],
-        [r["prompt_text"] for r in rows],
-        cfg.model.max_prompt_length,
-        cfg.generate.long_prompts,
-        where,
+    def __init__(
+        self,
+        name: str,
+        batch_size: int,
+        reward_fn: RewardFn | None = None,
+        judge: JudgeScorer | None = None,
+        owns_engine: bool = False,
+    ) -> None:
+        self.name = name
+        self.batch_size = batch_size
+        self.reward_fn = reward_fn
+        self.judge = judge
+        self.owns_engine = owns_engine
+
+    def __call__(
+        self, prompts: Sequence[Any], groups: Sequence[Sequence[str]], desc: str = "score"
+    ) -> tuple[np.ndarray, dict[int, str]]:
+        if self.judge is not None:
+            scores = self.judge.score_groups(prompts, groups)
+            return np.array([v for group in scores for v in group], dtype=float), {}
+        assert self.reward_fn is not None
+        flat_prompts = [p for p, group in zip(prompts, groups, strict=True) for _ in group]
+        responses = [t for group in groups for t in group]
+        return call_reward_function(
+            self.reward_fn, flat_prompts, responses, self.batch_size, desc=desc
+        )
+
+    def close(self) -> None:
+        judge, self.judge = self.judge, None
+        if judge is not None and self.owns_engine and live_vllm_engine() is judge.llm:
+            release_vllm_engine()
+
+    def __enter__(self) -> RunScorer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def scorer_for(cfg: RunConfig) -> RunScorer:
+    """The scorer ``score.scorer`` names: a reward function, a reward model or an LLM judge
+    (model folders checked, errors naming ``score.scorer.model``). Used by score and evaluate."""
+    sc = cfg.score.scorer
+    if sc.kind == "function":
+        return RunScorer(sc.function, sc.batch_size, reward_fn=load_reward_function(sc.function))
+    assert sc.model is not None  # validated by ScorerConfig
+    model_dir = config_model_dir(sc.model, "score.scorer.model")
+    if sc.kind == "reward_model":
+        rm = RewardModelScorer(
+            model_dir,
+            dtype=sc.dtype,
+            device=cfg.score.device,
+            max_length=sc.max_length,
+            trust_remote_code=cfg.model.trust_remote_code,
+        )
+        return RunScorer(f"reward_model({model_dir})", sc.batch_size, reward_fn=rm)
+    running = live_vllm_engine()
+    llm = vllm_for(cfg, model_dir, sc.dtype)
+    judge = JudgeScorer(llm, load_tokenizer(model_dir), sc.judge_template, sc.max_length)
+    return RunScorer(
+        f"judge({model_dir})", sc.batch_size, judge=judge, owns_engine=llm is not running
     )
-    stats: Counter[str] = Counter(prompts_truncated=sum(prepared.truncated))
-    pairs = []
-    for row, prompt_ids, prompt_text in zip(rows, prepared.token_ids, prepared.texts, strict=True):
-        full_ids = tokenizer(row["prompt_text"], add_special_tokens=False)["input_ids"]
-        budget = cfg.model.max_length - len(prompt_ids)
-        sides = {}
-        for side in ("chosen", "rejected"):
-            ids, kept = tokenize_response(
-                tokenizer, full_ids, row["prompt_text"], row[side], tokenizer.eos_token_id
-            )
-            stats["tokenisation_boundary_mismatch"] += int(not kept)
-            if len(ids) > budget:
-                ids = ids[:budget]
-                stats["responses_cut_to_max_length"] += 1
-            sides[side] = ids
-        if sides["chosen"] == sides["rejected"]:
-            stats["pairs_identical_after_cut"] += 1
-            continue
-        pid = str(row["prompt_id"])
-        pairs.append(
-            {
-                "prompt_id": pid,
-                "prompt": row["prompt"],
-                "prompt_text": prompt_text,
-                "prompt_token_ids": prompt_ids,
-                "chosen": row["chosen"],
-                "rejected": row["rejected"],
-                "chosen_token_ids": sides["chosen"],
-                "rejected_token_ids": sides["rejected"],
-                # Dataset ratings when it has them (the built-in human pairs do), else not scored.
-                "chosen_reward": float(
-                    row.get("chosen_rating", row.get("score_chosen")) or math.nan
-                ),
-                "rejected_reward": float(
-                    row.get("rejected_rating", row.get("score_rejected")) or math.nan
-                ),
-                "source": source,
-                "_keys": ((pid, "chosen"), (pid, "rejected")),
-            }
-        )
-    if stats["tokenisation_boundary_mismatch"]:
-        warn(
-            f"{stats['tokenisation_boundary_mismatch']} response(s) in {where} merged with the "
-            "prompt's last token when tokenised together; they were tokenised on their own"
-        )
-    return pairs, {k: v for k, v in stats.items() if v}
 
 
 def token_weights(

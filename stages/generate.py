@@ -13,21 +13,19 @@ from __future__ import annotations
 
 import shutil
 import sys
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
 from pipeline import data, tracking
 from pipeline.cli import stage_main
-from pipeline.config import ConfigError, RunConfig, config_hash
+from pipeline.config import ConfigError, RunConfig
 from pipeline.generation import (
-    SamplingSettings,
-    Throughput,
     check_sampling_model,
-    generate_rows,
-    make_sampler,
     model_fingerprint,
-    prepare_prompts,
+    prompts_for,
+    sample_resumable,
+    samples_summary,
+    settings_for,
 )
 from pipeline.models import load_tokenizer
 from pipeline.runstore import RunStore
@@ -55,96 +53,34 @@ def run(cfg: RunConfig, store: RunStore, force: bool = False) -> None:
     prep = store.require("prepare")
     model_dir = sampling_model_dir(cfg, prep)
     check_sampling_model(model_dir)
+    # Same path, new weights (e.g. a re-exported policy): the fingerprint changes, sample again.
     fingerprint = model_fingerprint(model_dir)
-    current = store.complete_manifest("generate")
-    if current is not None and current.get("model_fingerprint") != fingerprint:
-        force = True  # same path, new weights (e.g. a re-exported policy): sample again
 
-    with store.stage("generate", inputs=["prepare"], force=force) as st:
+    with store.stage(
+        "generate", inputs=["prepare"], force=force, fingerprints={"model": fingerprint}
+    ) as st:
         if st.skipped:
             return
         source = store.stage_dir("prepare") / "prompts" / "train.parquet"
         rows = data.read_rows(source)
         tokenizer = load_tokenizer(model_dir, trust_remote_code=cfg.model.trust_remote_code)
-        prompts = prepare_prompts(
-            tokenizer,
-            [str(r["prompt_id"]) for r in rows],
-            [r["prompt"] for r in rows],
-            [r["prompt_text"] for r in rows],
-            cfg.model.max_prompt_length,
-            g.long_prompts,
-            str(source),
-        )
-        settings = SamplingSettings(
-            n=g.n, temperature=g.temperature, top_p=g.top_p, max_tokens=g.max_tokens, seed=g.seed
-        )
-        sampler = make_sampler(
-            g.backend,
-            model_dir,
-            dtype=g.dtype,
-            device=g.device,
-            seed=g.seed,
-            tensor_parallel_size=g.tensor_parallel_size,
-            data_parallel_size=g.data_parallel_size,
-            max_model_len=g.max_model_len,
-            gpu_memory_utilization=g.gpu_memory_utilization,
-            kv_cache_gib=g.kv_cache_gib,
-            trust_remote_code=cfg.model.trust_remote_code,
-            allow_pickle=cfg.model.allow_pickle_weights,
-        )
-
+        prompts = prompts_for(cfg, tokenizer, rows, str(source))
+        settings = settings_for(cfg, g.n)
         # Chunks from a killed run are reused only for exactly this config, input and model.
-        scratch = store.scratch_dir("generate") / config_hash(
-            [store.expected_hash("generate"), prep["output_hash"], str(model_dir), fingerprint]
-        )
-        chunk_path = lambda c: scratch / f"chunk-{c:05d}.parquet"  # noqa: E731
-
-        def load_chunk(c: int) -> list[dict[str, Any]] | None:
-            return data.read_rows(chunk_path(c)) if chunk_path(c).is_file() else None
-
-        def save_chunk(c: int, chunk: list[dict[str, Any]]) -> None:
-            tmp = chunk_path(c).with_suffix(".tmp")
-            data.write_rows(tmp, chunk)
-            tmp.replace(chunk_path(c))
-
-        from tqdm import tqdm
-
-        speed = Throughput()
-        bar = tqdm(total=len(rows), unit="prompt", desc=f"generate ({g.backend})")
-        for done_prompts, tokens in generate_rows(
-            sampler,
+        samples, speed = sample_resumable(
+            cfg,
+            model_dir,
             tokenizer,
             rows,
             prompts,
             settings,
-            g.batch_size,
-            g.chunk_size,
-            load_chunk,
-            save_chunk,
-        ):
-            bar.update(done_prompts)
-            bar.set_postfix(tok_s=f"{speed.add(tokens):.1f}")
-        bar.close()
-        samples = [
-            r
-            for c in range((len(rows) + g.chunk_size - 1) // g.chunk_size)
-            for r in (load_chunk(c) or [])
-        ]
-        assert len(samples) == len(rows), "a generated chunk went missing from scratch"
+            scratch=store.scratch_dir("generate"),
+            key=[store.expected_hash("generate"), prep["output_hash"], str(model_dir), fingerprint],
+            desc=f"generate ({g.backend})",
+        )
         data.write_rows(st.dir / "samples.parquet", samples)
 
-        lengths = [len(t) for r in samples for t in r["response_token_ids"]]
-        reasons = Counter(f for r in samples for f in r["finish_reasons"])
-        summary = {
-            "prompts": len(rows),
-            "samples": len(lengths),
-            "truncated_prompts": sum(prompts.truncated),
-            "generated_tokens": sum(lengths),
-            "mean_response_tokens": sum(lengths) / max(len(lengths), 1),
-            "finish_stop": reasons.get("stop", 0),
-            "finish_length": reasons.get("length", 0),
-            "tokens_per_s": speed.rate,
-        }
+        summary = samples_summary(samples, prompts, speed)
         st.record(
             backend=g.backend,
             model_dir=str(model_dir),

@@ -216,6 +216,23 @@ def test_resume_reuses_finished_chunks(
     assert store.require("generate")["outputs"] == resumed
 
 
+def test_chunks_are_written_atomically(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A finished chunk appears whole or not at all: a per-process temp file renamed into place,
+    removed when the write fails (a full disk), so a shared chunk folder never holds a part."""
+    chunks = generation.ChunkStore(tmp_path)
+    chunks.save(0, [{"prompt_id": "a"}])
+    assert chunks.load(0) == [{"prompt_id": "a"}] and chunks.load(1) is None
+
+    def full_disk(path: Path, rows: list[dict]) -> None:
+        path.write_bytes(b"PAR1 half a file")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(generation, "write_rows", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        chunks.save(1, [{"prompt_id": "b"}])
+    assert [p.name for p in tmp_path.iterdir()] == ["chunk-00000.parquet"]
+
+
 # -- bad input --------------------------------------------------------------------------------
 def test_empty_and_long_prompts(tiny_prepared: RunConfig) -> None:
     tok = load_tokenizer(base_model_dir(tiny_prepared))

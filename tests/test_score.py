@@ -543,3 +543,94 @@ def test_skip_when_unchanged_rerun_when_reference_weights_change(
     second = json.loads(manifest.read_text())
     assert second["model_fingerprints"] != first["model_fingerprints"]
     assert second["outputs"]["pairs.parquet"] != first["outputs"]["pairs.parquet"]
+
+
+# -- library pieces the stage is built from ------------------------------------------------------
+def test_text_pairs_build_pair_records_and_label_warnings(
+    tiny_config: ConfigFactory, tiny_prepared: RunConfig, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Dataset pairs go through the one pair builder: parquet rows carry exactly the pair
+    columns (no bookkeeping keys, weight columns only when computed); a warning names the stage
+    that asked (evaluate's human pairs are not labelled [score])."""
+    from pipeline.pairing import pair_rows, text_pairs
+    from pipeline.records import PAIR_COLUMNS as RECORD_COLUMNS
+
+    cfg = tiny_config()
+    tok = load_tokenizer(model_dir(tiny_prepared))
+    rows = [
+        {
+            "prompt_id": "a",
+            "prompt": "p",
+            "prompt_text": "The movie was gre",
+            "chosen": "at fun",
+            "rejected": "bad",
+            "chosen_rating": 2.0,
+            "rejected_rating": -1.0,
+        },
+        {
+            "prompt_id": "b",
+            "prompt": "q",
+            "prompt_text": "A film. ",
+            "chosen": "Good.",
+            "rejected": "Good.",
+        },
+    ]
+    pairs, stats = text_pairs(rows, tok, cfg, "human", "rows.jsonl", stage="evaluate")
+    err = capsys.readouterr().err
+    assert err.startswith("[evaluate] ") and "response(s) in rows.jsonl merged" in err
+    assert stats["pairs_identical_after_cut"] == 1 and len(pairs) == 1
+    assert pairs[0].keys == {"chosen": ("a", "chosen"), "rejected": ("a", "rejected")}
+    row = pair_rows(pairs, weights=False)[0]
+    assert list(row) == PAIR_COLUMNS
+    assert (row["chosen_reward"], row["rejected_reward"], row["source"]) == (2.0, -1.0, "human")
+    assert row["rejected_token_ids"] == tok("bad", add_special_tokens=False)["input_ids"] + [
+        tok.eos_token_id
+    ]
+    assert list(pair_rows(pairs, weights=True)[0]) == list(RECORD_COLUMNS)
+
+
+def test_scorer_for_checks_the_model_folder(tiny_config: ConfigFactory, tmp_path: Path) -> None:
+    from pipeline.scoring import scorer_for
+
+    for kind in ("reward_model", "judge"):
+        cfg = tiny_config(f"score.scorer.kind={kind}", f"score.scorer.model={tmp_path / 'gone'}")
+        with pytest.raises(
+            ModelError, match=f"score.scorer.model: model folder {tmp_path / 'gone'} does not exist"
+        ):
+            scorer_for(cfg)
+    scorer = scorer_for(tiny_config())
+    rewards, errors = scorer(["p", "q"], [["good", "bad"], ["great"]])
+    assert scorer.name == "pipeline.rewards:vader_sentiment" and errors == {}
+    assert list(rewards) == vader_sentiment([""] * 3, ["good", "bad", "great"])
+
+
+def test_judge_releases_only_an_engine_it_started(
+    tiny_config: ConfigFactory, tiny_prepared: RunConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The judge's vLLM engine is shut down after use, unless it was already running (generate's
+    engine in the same process, which vLLM reference log-probs reuse next)."""
+    from pipeline import generation, scoring
+
+    released: list[object] = []
+    engines = iter([object(), object()])
+
+    def fake_vllm_for(cfg: RunConfig, path: Path, dtype: str) -> object:
+        if "llm" not in generation._ENGINE:
+            generation._ENGINE["llm"] = next(engines)
+        return generation._ENGINE["llm"]
+
+    def fake_release() -> None:
+        released.append(generation._ENGINE.pop("llm"))
+
+    monkeypatch.setattr(scoring, "vllm_for", fake_vllm_for)
+    monkeypatch.setattr(scoring, "release_vllm_engine", fake_release)
+    monkeypatch.setattr(generation, "_ENGINE", {})
+    cfg = tiny_config("score.scorer.kind=judge", f"score.scorer.model={model_dir(tiny_prepared)}")
+    with scoring.scorer_for(cfg) as judge:  # starts its own engine: released after use
+        started = judge.judge.llm if judge.judge else None
+        assert judge.name == f"judge({model_dir(tiny_prepared)})"
+    assert released == [started] and "llm" not in generation._ENGINE
+    running = fake_vllm_for(cfg, model_dir(tiny_prepared), "float32")  # e.g. generate's
+    with scoring.scorer_for(cfg):
+        pass
+    assert released == [started] and generation._ENGINE["llm"] is running
