@@ -1,6 +1,7 @@
 """Train-stage benchmark: our DPO step vs TRL's DPOTrainer, side by side, ratios printed.
 
     .venv/bin/python bench/bench_train.py [--batch 4] [--prompt 48] [--response 48] [--quick]
+        [--workload equal|variable] [--device cpu|cuda]    (GPU: bench/gpu/README in docs/training.md)
 
 Same model (SmolLM2-135M-Instruct), same pairs (identical token ids), same global batch, same
 precision, same CPU threads in total. Each configuration runs in fresh processes;
@@ -76,6 +77,48 @@ def make_texts(tok: Any, n: int, prompt: int, response: int, seed: int = 0) -> l
     ]
 
 
+def make_variable_texts(
+    tok: Any, n: int, prompts: tuple[int, int], responses: tuple[int, int], seed: int = 0
+) -> list[dict[str, str]]:
+    """Text pairs with prompt and response lengths drawn uniformly from the given token ranges
+    (each pair's two responses drawn apart): ordinary preference data, where padding is what
+    the padded layout computes and packing removes."""
+    words = [w for w in WORDS if len(tok(" " + w, add_special_tokens=False)["input_ids"]) == 1]
+    rng = random.Random(seed)
+
+    def text(k: int) -> str:
+        return "".join(" " + rng.choice(words) for _ in range(max(1, k)))
+
+    return [
+        {
+            "prompt": "Review:" + text(rng.randint(*prompts) - 2),
+            "chosen": text(rng.randint(*responses) - 1),
+            "rejected": text(rng.randint(*responses) - 1),
+        }
+        for _ in range(n)
+    ]
+
+
+def random_weights(folder: Path, cache: Path) -> Path:
+    """``folder`` itself when it holds weights, else a copy with random weights (seed 0)."""
+    import shutil
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if any(folder.glob("*.safetensors")):
+        return folder
+    out = cache / folder.resolve().name
+    if not any(out.glob("*.safetensors")):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(folder)))
+        model.save_pretrained(str(out))
+        for f in folder.iterdir():
+            if f.is_file() and not (out / f.name).exists():
+                shutil.copy(f, out / f.name)
+    return out
+
+
 def tokenize_like_trl(tok: Any, rows: list[dict[str, str]]) -> list[dict[str, list[int]]]:
     """Token ids as TRL builds them: prompt, then prompt+completion+EOS split at the common prefix."""
     out = []
@@ -91,19 +134,20 @@ def tokenize_like_trl(tok: Any, rows: list[dict[str, str]]) -> list[dict[str, li
 
 
 def reference_logps(
-    model_dir: Path, pairs: list[dict[str, list[int]]]
+    model_dir: Path, pairs: list[dict[str, list[int]]], device: str = "cpu"
 ) -> list[tuple[list[float], list[float]]]:
     """fp32 reference log-probs per response token (what the score stage precomputes)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     lm = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    lm.to(device)
     out = []
     with torch.no_grad():
         for p in pairs:
             sides = []
             for side in ("chosen", "rejected"):
-                ids = torch.tensor([p["prompt"] + p[side]])
+                ids = torch.tensor([p["prompt"] + p[side]], device=device)
                 logps = torch.log_softmax(lm(ids).logits[0, :-1].float(), -1)
                 n = len(p["prompt"])
                 sides.append(logps[n - 1 :].gather(-1, ids[0, n:, None])[:, 0].tolist())
@@ -149,6 +193,15 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def peak_gpu_gib() -> float | None:
+    """Peak GPU memory allocated by this process (None on CPU)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    return float(torch.cuda.max_memory_allocated()) / 2**30
+
+
 def ours_worker(spec: dict[str, Any]) -> None:
     """One rank of our trainer on the bench pairs; rank 0 writes the measurements."""
     import torch
@@ -161,6 +214,8 @@ def ours_worker(spec: dict[str, Any]) -> None:
     ranks = distributed.init_process_group(10)
     pairs = spec["pairs"]
     world = ranks.world_size
+    # Rows that name no setting get the stage's default ("auto", resolved by training.choose).
+    settings = {k: spec[k] for k in ("ds_config", "gradient_checkpointing", "layout") if k in spec}
     tc = TrainConfig(
         objective="dpo",
         beta=0.1,
@@ -169,12 +224,11 @@ def ours_worker(spec: dict[str, Any]) -> None:
         max_steps=spec["warmup"] + spec["steps"],
         per_device_batch_size=spec["batch"] // world,
         precision=spec["precision"],
-        ds_config=spec.get("ds_config", "ds_configs/zero3.json"),
-        gradient_checkpointing=True,
         share_prompt=spec.get("share_prompt", True),
         token_chunk_size=spec.get("token_chunk_size", 1024),
         reference=spec["reference"],
         seed=0,
+        **settings,
     )
     data = training.PairData(
         pair_ids=[f"p{i}" for i in range(len(pairs))],
@@ -186,13 +240,28 @@ def ours_worker(spec: dict[str, Any]) -> None:
     )
     model_dir = Path(spec["model_dir"])
     objective = make_objective("dpo", beta=0.1)
+    mode = training.choose_reference(objective, tc, data, True)
+    choice = None
+    if ranks.is_main:
+        choice = training.choose(
+            tc,
+            model_dir,
+            world,
+            accelerator=distributed.accelerator_name(),
+            live_reference=mode == "live",
+            max_length=max(data.lengths),
+            local_world_size=ranks.local_world_size,
+        )
+        print(choice.line, flush=True)
+    choice = distributed.broadcast_object(choice)
     plan = training.TrainPlan(
         train=tc,
         data=data,
         policy_dir=model_dir,
         reference_dir=model_dir,
-        reference_mode=training.choose_reference(objective, tc, data, True),
-        ds_config=training.deepspeed_config(tc.ds_config, tc, world, hidden_size=576),
+        reference_mode=mode,
+        choice=choice,
+        ds_config=training.deepspeed_config(choice.ds_config, tc, world, hidden_size=576),
         checkpoint_dir=Path(spec["scratch"]) / f"ckpt-{os.getpid()}",
         output_dir=None,
         world_size=world,
@@ -210,12 +279,14 @@ def ours_worker(spec: dict[str, Any]) -> None:
         Path(spec["out"]).write_text(
             json.dumps(
                 {
-                    "tokens": sum(h["tokens"] for h in warm),
+                    "tokens": len(warm) * spec["batch"] * spec["tokens_per_pair"],
                     "seconds": sum(h["step_time_s"] for h in warm),
                     "peak_rss_mb": sum(rss),
                     "rss_per_rank_mb": rss,
+                    "peak_gpu_gib": peak_gpu_gib(),
                     "losses": [h["loss"] for h in result.history],
                     "threads": torch.get_num_threads(),
+                    "choice": choice.as_dict(),
                 }
             )
         )
@@ -236,6 +307,7 @@ def trl_worker(spec: dict[str, Any]) -> None:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     torch.set_num_threads(max(1, spec["threads"] // world))
     model_dir = spec["model_dir"]
+    cuda = spec.get("device") == "cuda"
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     times: list[tuple[float, float]] = []
@@ -251,17 +323,17 @@ def trl_worker(spec: dict[str, Any]) -> None:
         args = DPOConfig(
             output_dir=out,
             per_device_train_batch_size=spec["batch"] // world,
-            ddp_backend="gloo" if world > 1 else None,
+            ddp_backend=("nccl" if cuda else "gloo") if world > 1 else None,
             gradient_accumulation_steps=1,
             max_steps=spec["warmup"] + spec["steps"],
             learning_rate=1e-6,
             beta=0.1,
             bf16=spec["precision"] == "bf16",
-            use_cpu=True,
+            use_cpu=not cuda,
             report_to=[],
             save_strategy="no",
             logging_steps=1,
-            gradient_checkpointing=True,
+            gradient_checkpointing=spec.get("gradient_checkpointing", True),
             gradient_checkpointing_kwargs={"use_reentrant": False},
             max_length=4096,
             dataloader_num_workers=0,
@@ -291,6 +363,7 @@ def trl_worker(spec: dict[str, Any]) -> None:
                     "seconds": sum(b - a for a, b in warm),
                     "peak_rss_mb": sum(rss),
                     "rss_per_rank_mb": rss,
+                    "peak_gpu_gib": peak_gpu_gib(),
                     "threads": torch.get_num_threads(),
                 }
             )
@@ -301,6 +374,9 @@ def trl_worker(spec: dict[str, Any]) -> None:
 
 
 def ensure_trl(site: Path) -> Path:
+    """A folder holding TRL for the workers (MIDPO_BENCH_SITE: one prepared offline)."""
+    if os.environ.get("MIDPO_BENCH_SITE"):
+        return Path(os.environ["MIDPO_BENCH_SITE"])
     if not (site / "trl" / "__init__.py").is_file():
         print(f"[bench] installing trl=={TRL_VERSION} into {site} (bench only)", flush=True)
         subprocess.run(
@@ -326,7 +402,8 @@ def run_worker(kind: str, spec: dict[str, Any], nproc: int, extra_path: str = ""
     spec_file = out.with_suffix(".spec.json")
     spec_file.write_text(json.dumps(spec))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), extra_path) if p)}
-    env.setdefault("DS_ACCELERATOR", "cpu")
+    if spec.get("device") != "cuda":
+        env.setdefault("DS_ACCELERATOR", "cpu")
     env.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
     if kind == "ours" or nproc > 1:
         from pipeline.distributed import free_port
@@ -353,6 +430,92 @@ def run_worker(kind: str, spec: dict[str, Any], nproc: int, extra_path: str = ""
     return result
 
 
+LEGACY = {"ds_config": "ds_configs/zero3.json", "gradient_checkpointing": True}  # rows before auto
+Row = tuple[str, str, dict[str, Any], int]
+
+
+def cpu_configs(quick: bool) -> list[Row]:
+    """The CPU rows: the earlier rows (ZeRO-3 and checkpointing as they were set), the default
+    ("auto": what the train stage picks here), TRL with and without checkpointing."""
+    configs: list[Row] = [
+        (
+            "ours",
+            "bf16 precomputed ref, 2 procs",
+            {"precision": "bf16", "reference": "auto"},
+            2,
+        ),
+        ("ours", "bf16 live ref, 2 procs", {"precision": "bf16", "reference": "live"}, 2),
+        (
+            "ours",
+            "bf16 precomputed ref, ZeRO-2, 2 procs",
+            {"precision": "bf16", "reference": "auto", "ds_config": "ds_configs/zero2.json"},
+            2,
+        ),
+        ("ours", "bf16 precomputed ref, 1 proc", {"precision": "bf16", "reference": "auto"}, 1),
+        ("ours", "bf16 live ref, 1 proc", {"precision": "bf16", "reference": "live"}, 1),
+        (
+            "ours",
+            "bf16 precomputed ref, 1 proc, separate seqs",
+            {"precision": "bf16", "reference": "auto", "share_prompt": False},
+            1,
+        ),
+        ("trl", "TRL DPOTrainer bf16 (live ref)", {"precision": "bf16"}, 1),
+        ("trl", "TRL DPOTrainer bf16 (live ref), 2 procs", {"precision": "bf16"}, 2),
+    ]
+    if not quick:
+        configs += [
+            (
+                "ours",
+                "fp32 precomputed ref, 2 procs",
+                {"precision": "fp32", "reference": "auto"},
+                2,
+            ),
+            ("ours", "fp32 live ref, 1 proc", {"precision": "fp32", "reference": "live"}, 1),
+            ("trl", "TRL DPOTrainer fp32 (live ref)", {"precision": "fp32"}, 1),
+        ]
+    configs = [(k, n, {**LEGACY, **c} if k == "ours" else c, p) for k, n, c, p in configs]
+    return configs + [
+        ("ours", "bf16 default, 2 procs", {"precision": "bf16", "reference": "auto"}, 2),
+        ("ours", "bf16 default, 1 proc", {"precision": "bf16", "reference": "auto"}, 1),
+        (
+            "ours",
+            "bf16 default but ZeRO-0, 1 proc",
+            {"precision": "bf16", "reference": "auto", "ds_config": "ds_configs/zero0.json"},
+            1,
+        ),
+        (
+            "ours",
+            "bf16 default live ref, 1 proc",
+            {"precision": "bf16", "reference": "live"},
+            1,
+        ),
+        (
+            "trl",
+            "TRL DPOTrainer bf16 (live ref), no checkpointing",
+            {"precision": "bf16", "gradient_checkpointing": False},
+            1,
+        ),
+    ]
+
+
+def gpu_configs() -> list[Row]:
+    """The GPU rows of issue 14's table, one process on one GPU, bf16."""
+    bf16_live = {"precision": "bf16", "reference": "live"}
+    no_gc = {"gradient_checkpointing": False}
+    return [
+        ("trl", "TRL live ref, no checkpointing", {"precision": "bf16", **no_gc}, 1),
+        ("trl", "TRL live ref, checkpointing", {"precision": "bf16"}, 1),
+        ("ours", "ours default, live ref", bf16_live, 1),
+        ("ours", "ours default, precomputed ref", {"precision": "bf16", "reference": "auto"}, 1),
+        ("ours", "ours default, live ref, checkpointing", {**bf16_live, "gradient_checkpointing": True}, 1),
+        ("ours", "ours ZeRO-0, live ref, padded", {**bf16_live, **no_gc, "ds_config": "ds_configs/zero0.json", "layout": "padded"}, 1),
+        ("ours", "ours ZeRO-0, live ref, packed", {**bf16_live, **no_gc, "ds_config": "ds_configs/zero0.json", "layout": "packed"}, 1),
+        ("ours", "ours ZeRO-0, live ref, shared prompt", {**bf16_live, **no_gc, "ds_config": "ds_configs/zero0.json", "layout": "shared_prompt"}, 1),
+        ("ours", "ours ZeRO-2, live ref", {**bf16_live, **no_gc, "ds_config": "ds_configs/zero2.json"}, 1),
+        ("ours", "ours ZeRO-3, live ref, shared prompt", {**bf16_live, **no_gc, "ds_config": "ds_configs/zero3.json", "layout": "shared_prompt"}, 1),
+    ]  # fmt: skip
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch", type=int, default=4, help="global batch (pairs per step)")
@@ -364,6 +527,26 @@ def main() -> None:
     ap.add_argument(
         "--repeats", type=int, default=2, help="runs per configuration (best speed kept)"
     )
+    ap.add_argument(
+        "--device", choices=("cpu", "cuda"), default="cpu", help="cuda: the GPU rows (one GPU)"
+    )
+    ap.add_argument(
+        "--workload",
+        choices=("equal", "variable"),
+        default="equal",
+        help="equal-length pairs, or lengths drawn from --prompt-range / --response-range",
+    )
+    ap.add_argument("--prompt-range", type=int, nargs=2, default=None, metavar=("MIN", "MAX"))
+    ap.add_argument("--response-range", type=int, nargs=2, default=None, metavar=("MIN", "MAX"))
+    ap.add_argument("--out", type=Path, default=None, help="JSON results (default: runs/)")
+    ap.add_argument("--rows", nargs="+", default=None, help="only rows whose name has one of these")
+    ap.add_argument(
+        "--model",
+        type=Path,
+        default=None,
+        help="a folder with config and tokenizer (weights random-initialised, seed 0, when it "
+        "has none); default: the bundled SmolLM2-135M-Instruct",
+    )
     ap.add_argument("--worker", nargs=2, metavar=("KIND", "SPEC"), help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.worker:
@@ -374,20 +557,33 @@ def main() -> None:
     from pipeline.models import SMOLLM2, convert_smollm2, load_tokenizer
 
     cache = Path(os.environ.get("MIDPO_CACHE", REPO / "runs" / "_cache"))
-    model_dir = convert_smollm2(cache / "models" / SMOLLM2)
+    if a.model is not None:
+        model_dir = random_weights(a.model, cache / "bench-models")
+    else:
+        model_dir = convert_smollm2(cache / "models" / SMOLLM2)
     site = ensure_trl(cache / "bench-site")
     tok = load_tokenizer(model_dir)
-    texts = make_texts(tok, a.batch * (a.warmup + a.steps), a.prompt, a.response)
+    n_pairs = a.batch * (a.warmup + a.steps)
+    gpu = a.device == "cuda"
+    if a.workload == "equal":
+        texts = make_texts(tok, n_pairs, a.prompt, a.response)
+    else:
+        prompts = tuple(a.prompt_range or ((32, 512) if gpu else (8, 24)))
+        responses = tuple(a.response_range or ((32, 1024) if gpu else (32, 64)))
+        texts = make_variable_texts(tok, n_pairs, prompts, responses)  # type: ignore[arg-type]
     pairs = tokenize_like_trl(tok, texts)
-    sizes = {2 * len(p["prompt"]) + len(p["chosen"]) + len(p["rejected"]) for p in pairs}
-    assert len(sizes) == 1, f"pairs differ in length: {sorted(sizes)}"
-    tokens_per_pair = sizes.pop()
+    sizes = [2 * len(p["prompt"]) + len(p["chosen"]) + len(p["rejected"]) for p in pairs]
+    assert a.workload == "variable" or len(set(sizes)) == 1, "equal pairs differ in length"
+    # Both trainers are credited the mean pair size per pair trained (they draw pairs in
+    # different orders; over the measured steps the mean is what either computes on average).
+    tokens_per_pair = sum(sizes) / len(sizes)
     print(
-        f"[bench] SmolLM2-135M, {tokens_per_pair} tokens per pair (prompt twice, both "
-        f"responses), global batch {a.batch}, {a.warmup} warm-up + {a.steps} measured steps",
+        f"[bench] SmolLM2-135M on {a.device}, {a.workload} pairs: {tokens_per_pair:.0f} tokens "
+        f"per pair on average (prompt twice, both responses; {min(sizes)}-{max(sizes)}), global "
+        f"batch {a.batch}, {a.warmup} warm-up + {a.steps} measured steps",
         flush=True,
     )
-    ref = reference_logps(model_dir, pairs)
+    ref = reference_logps(model_dir, pairs, "cuda" if gpu else "cpu")
     threads = min(2, len(os.sched_getaffinity(0)))
     peak = matmul_peak(threads)
     print(
@@ -408,43 +604,11 @@ def main() -> None:
             "texts": texts,
             "tokens_per_pair": tokens_per_pair,
             "threads": threads,
+            "device": a.device,
         }
-        configs = [
-            (
-                "ours",
-                "bf16 precomputed ref, 2 procs",
-                {"precision": "bf16", "reference": "auto"},
-                2,
-            ),
-            ("ours", "bf16 live ref, 2 procs", {"precision": "bf16", "reference": "live"}, 2),
-            (
-                "ours",
-                "bf16 precomputed ref, ZeRO-2, 2 procs",
-                {"precision": "bf16", "reference": "auto", "ds_config": "ds_configs/zero2.json"},
-                2,
-            ),
-            ("ours", "bf16 precomputed ref, 1 proc", {"precision": "bf16", "reference": "auto"}, 1),
-            ("ours", "bf16 live ref, 1 proc", {"precision": "bf16", "reference": "live"}, 1),
-            (
-                "ours",
-                "bf16 precomputed ref, 1 proc, separate seqs",
-                {"precision": "bf16", "reference": "auto", "share_prompt": False},
-                1,
-            ),
-            ("trl", "TRL DPOTrainer bf16 (live ref)", {"precision": "bf16"}, 1),
-            ("trl", "TRL DPOTrainer bf16 (live ref), 2 procs", {"precision": "bf16"}, 2),
-        ]
-        if not a.quick:
-            configs += [
-                (
-                    "ours",
-                    "fp32 precomputed ref, 2 procs",
-                    {"precision": "fp32", "reference": "auto"},
-                    2,
-                ),
-                ("ours", "fp32 live ref, 1 proc", {"precision": "fp32", "reference": "live"}, 1),
-                ("trl", "TRL DPOTrainer fp32 (live ref)", {"precision": "fp32"}, 1),
-            ]
+        configs = gpu_configs() if gpu else cpu_configs(a.quick)
+        if a.rows:
+            configs = [c for c in configs if any(part in c[1] for part in a.rows)]
         # Round-robin repeats, best of each: on a shared machine a slow run says more about
         # the neighbours than about the trainer. MFU is against the peak measured just before.
         results: dict[str, dict[str, Any]] = {}
@@ -460,6 +624,8 @@ def main() -> None:
                 r["peak_gflops"] = max(run_peak[changes["precision"]], peak[changes["precision"]])
                 r["mfu"] = flops / r["peak_gflops"]
                 r["load_average"] = os.getloadavg()[0]
+                if r.get("peak_gpu_gib") is not None:
+                    r["peak_rss_mb"] = r["rank_rss_mb"] = 1024 * r["peak_gpu_gib"]  # GPU memory
                 print(
                     f"  {name:32s} {r['tokens_per_s']:6.1f} tokens/s  peak RSS "
                     f"{r['peak_rss_mb']:5.0f} MB (largest process {r['rank_rss_mb']:5.0f} MB)  "
@@ -474,10 +640,11 @@ def main() -> None:
                 results[name]["runs"] += 1
                 results[name].update(worst)
     report(results)
-    (REPO / "runs").mkdir(exist_ok=True)
-    (REPO / "runs" / "bench_train.json").write_text(
-        json.dumps({"peak_gflops": peak, "results": results, "args": vars(a)}, indent=2)
-    )
+    out = a.out or REPO / "runs" / f"bench_train_{a.device}_{a.workload}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    args = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()}
+    out.write_text(json.dumps({"peak_gflops": peak, "results": results, "args": args}, indent=2))
+    print(f"[bench] results in {out}")
 
 
 def report(results: dict[str, dict[str, Any]]) -> None:
@@ -495,6 +662,14 @@ def report(results: dict[str, dict[str, Any]]) -> None:
             )
         print(text)
 
+    # GPU rows (peak memory: GPU memory allocated, in the RSS columns)
+    for ours in [n for n in results if n.startswith("ours")]:
+        for trl in ("TRL live ref, no checkpointing", "TRL live ref, checkpointing"):
+            line(f"{ours} vs {trl}", ours, trl)
+    trl_fast = "TRL DPOTrainer bf16 (live ref), no checkpointing"
+    print("\ndefault vs TRL (issue 14's CPU target: >= 1.5x tokens/s, <= 0.8x peak memory)")
+    for ours in ("bf16 default, 2 procs", "bf16 default, 1 proc", "bf16 default live ref, 1 proc"):
+        line(f"ours {ours} vs TRL bf16 no checkpointing, 1 proc", ours, trl_fast)
     trl16, trl32 = "TRL DPOTrainer bf16 (live ref)", "TRL DPOTrainer fp32 (live ref)"
     trl16_2 = "TRL DPOTrainer bf16 (live ref), 2 procs"
     print("\nratios (targets vs TRL: >= 1.5x tokens/s, <= 0.7x peak memory)")

@@ -492,6 +492,11 @@ def test_two_rank_stage_learns_partitions_and_exports(trained: RunConfig) -> Non
     assert run.data.tags["mlflow.parentRunId"] == tracking.parent_run_id(trained)
     client = mlflow.MlflowClient()
     assert len(client.get_metric_history(run.info.run_id, "loss")) == 12
+    # the launch's automatic choices (2 CPU ranks: ZeRO-3), in the manifest and the params
+    assert m["launch_choice"]["ds_config"] == "ds_configs/zero3.json"
+    assert m["ds_config"]["zero_optimization"]["stage"] == 3
+    for key, value in m["launch_choice"].items():
+        assert run.data.params[f"train.launch.{key}"] == str(value), key
     for key in (
         "rewards/margins",
         "logps/chosen",
@@ -600,7 +605,8 @@ def test_kill_mid_epoch_then_resume_on_two_nodes(
     children = mlflow.search_runs(
         filter_string=f"tags.mlflow.parentRunId = '{parent}'", output_format="list"
     )
-    finished = [r for r in children if r.info.status == "FINISHED"]
+    trains = [r for r in children if r.info.run_name == "train"]  # (prepare has its own run)
+    finished = [r for r in trains if r.info.status == "FINISHED"]
     assert len(finished) == 1 and finished[0].info.run_id == m["mlflow_run_id"]
 
 
@@ -700,7 +706,15 @@ def _worker_plan(cfg: RunConfig, store: RunStore, world: int, **train: Any) -> A
     objective = build_objective(tc)
     policy, reference, score_ref = training.model_dirs(cfg, store)
     mode = training.choose_reference(objective, tc, data, reference == score_ref)
-    ds = training.deepspeed_config(tc.ds_config, tc, world, hidden_size=64)
+    choice = training.choose(
+        tc,
+        policy,
+        world,
+        accelerator="cpu",
+        live_reference=mode == "live",
+        max_length=cfg.model.max_length,
+    )
+    ds = training.deepspeed_config(choice.ds_config, tc, world, hidden_size=64)
     key = {"train": tc.model_dump(mode="json"), "world": world}
     return training.TrainPlan(
         train=tc,
@@ -716,6 +730,7 @@ def _worker_plan(cfg: RunConfig, store: RunStore, world: int, **train: Any) -> A
         objective=objective,
         export=False,
         checkpoints=False,
+        choice=choice,
     )
 
 

@@ -5,7 +5,8 @@ inside shuffled windows. ``split_global_batch`` cuts a global batch into ``accum
 micro-batches of neighbouring lengths. The last, uneven batch of an epoch is kept: its pairs are
 spread over the ranks, and a rank left with nothing runs one filler pair with weight 0 (ZeRO-3
 needs every rank in every forward). ``collate`` pads one micro-batch (chosen rows, then rejected
-rows); with ``share_prompt`` it adds the shared-prompt layout (``pack_pairs``).
+rows); ``layout`` adds the shared-prompt layout (``pack_pairs``) or the padding-free one
+(``pack_sequences``).
 """
 
 from __future__ import annotations
@@ -89,6 +90,9 @@ class MicroBatch:
     packed_positions: Tensor | None = None  # [B, L] position ids (both responses start at P)
     packed_segments: Tensor | None = None  # [B, L] 0 padding, 1 prompt, 2 chosen, 3 rejected
     unpack_index: Tensor | None = None  # [2B, T] where each position of input_ids sits in its row
+    # Padding-free layout (``pack_sequences``): every sequence in one row, position ids restarting
+    # per sequence, no segments (the model finds the sequences from the position ids).
+    unpack_rows: Tensor | None = None  # [2B, 1] the packed row of each sequence (default r % B)
 
     @property
     def num_pairs(self) -> int:
@@ -115,8 +119,14 @@ def collate(
     weights: bool = False,
     prompt_free: bool = False,
     share_prompt: bool = False,
+    layout: str | None = None,
 ) -> MicroBatch:
-    """Pad one micro-batch. An empty ``indices`` gives one filler pair (weight 0)."""
+    """Pad one micro-batch. An empty ``indices`` gives one filler pair (weight 0).
+
+    ``layout`` (one of ``LAYOUTS``; default: "shared_prompt" if ``share_prompt`` else
+    "padded") adds the model-side layout the decoder runs on; the padded fields stay the
+    layout every statistic is read in.
+    """
     real = len(indices)
     rows = indices if indices else [filler]
     seqs: list[list[int]] = []
@@ -168,14 +178,39 @@ def collate(
             free_attention[r, : len(resp)] = 1
         batch.free_ids, batch.free_attention_mask = free_ids, free_attention
         batch.prompt_lengths = torch.tensor(prompt_lens)
-    if share_prompt:
+    layout = layout or ("shared_prompt" if share_prompt else "padded")
+    if layout == "shared_prompt":
         pack_pairs(batch, [data.prompts[j] for j in rows], responses, pad_id)
+    elif layout == "packed":
+        pack_sequences(batch, seqs)
     return batch
+
+
+LAYOUTS = ("padded", "shared_prompt", "packed")
+
+
+def pack_sequences(batch: MicroBatch, seqs: list[list[int]]) -> None:
+    """Add the padding-free layout to ``batch``: all sequences in one row, no padding.
+
+    Position ids restart at 0 for every sequence (the Hugging Face flattening convention: with no
+    attention mask the model builds a per-sequence causal mask from them, and flash-attention-2
+    runs its variable-length kernel), so each sequence sees only itself: the padded layout's
+    numbers without computing its padding.
+    """
+    starts = np.cumsum([0] + [len(s) for s in seqs[:-1]]).tolist()
+    batch.packed_ids = torch.tensor([[t for s in seqs for t in s]], dtype=torch.long)
+    batch.packed_positions = torch.tensor([[i for s in seqs for i in range(len(s))]])
+    index = torch.zeros(batch.input_ids.shape, dtype=torch.long)
+    for r, (s, start) in enumerate(zip(seqs, starts, strict=True)):
+        index[r, : len(s)] = torch.arange(start, start + len(s))
+    batch.unpack_index = index
+    batch.unpack_rows = torch.zeros((len(seqs), 1), dtype=torch.long)
 
 
 PROMPT, CHOSEN, REJECTED = 1, 2, 3  # segment ids of the shared-prompt layout (0: padding)
 # Mean |log-prob difference| per response token allowed between the shared-prompt and the
-# two-sequence forward (bf16 rounds differently for different shapes; a broken mask gives ~1).
+# two-sequence forward (a broken mask gives ~1). The trainer compares in float32, where valid
+# data agrees to ~1e-6; bf16 rounds differently for different shapes (0.05 seen on valid data).
 SHARED_PROMPT_TOLERANCE = {"fp32": 1e-3, "bf16": 5e-2}
 
 

@@ -2,7 +2,8 @@
 
 - the **policy** engine (``PolicyModule``: the LM and the objective); its optimizer has a model
   group (weight decay on matrices), a no-decay group and the prior's group (own learning rate);
-- the frozen **reference** engine (no optimizer), only when the plan's reference is "live";
+- the frozen **reference**, only when the plan's reference is "live": a plain module in inference
+  mode, or under ZeRO-3 an engine without optimizer (its weights stay partitioned);
 - the **marginal prior** engine (``PromptFreeModule``), only for an objective whose prompt-free
   log-probs come from a separate model; its own optimizer takes maximum-likelihood steps.
 """
@@ -112,11 +113,19 @@ def make_optimizer(
 # -- models --------------------------------------------------------------------------------------
 
 
-def load_lm(folder: Path, dtype: torch.dtype, train: bool, gradient_checkpointing: bool) -> Any:
+def load_lm(
+    folder: Path,
+    dtype: torch.dtype,
+    train: bool,
+    gradient_checkpointing: bool,
+    attention: str = "sdpa",
+) -> Any:
     """A causal LM for an engine: trainable, or frozen in eval mode."""
     from transformers import AutoModelForCausalLM
 
-    lm = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype)
+    lm = AutoModelForCausalLM.from_pretrained(
+        str(folder), dtype=dtype, attn_implementation=attention
+    )
     restore_float32_buffers(lm)
     lm.config.use_cache = False
     if train and gradient_checkpointing:
@@ -161,10 +170,13 @@ class Engines:
     optimizer: Any
     scheduler: Any
     group_names: list[str]  # the policy optimizer's parameter groups, in order
-    reference: Any | None = None  # engine around ReferenceModule (live reference)
+    # The live reference: a plain ReferenceModule in inference (it fits on each device), or a
+    # ZeRO-3 engine around it where the weights must stay partitioned.
+    reference: Any | None = None
     marginal: Any | None = None  # engine around PromptFreeModule (marginal prior model)
     # While this lives, from_pretrained builds ZeRO-3 models already partitioned (zero.Init).
     hf_ds_config: Any = None
+    fp32_grad_norm: Tensor | None = None  # see note_grad_norm
 
     def reference_outputs(self, batch: MicroBatch) -> dict[str, Tensor | None] | None:
         """The live reference's log-probs or hidden states for ``batch`` (None without one)."""
@@ -183,7 +195,14 @@ class Engines:
     @property
     def reference_head(self) -> nn.Module | None:
         """The reference's LM head (the policy computes KL chunks with it)."""
-        return self.reference.module.head if self.reference is not None else None
+        return self.reference_module.head if self.reference_module is not None else None
+
+    @property
+    def reference_module(self) -> ReferenceModule | None:
+        if self.reference is None:
+            return None
+        module: ReferenceModule = getattr(self.reference, "module", self.reference)
+        return module
 
     def marginal_logps(self, batch: MicroBatch) -> tuple[Tensor, Tensor] | None:
         """The marginal prior model's prompt-free (logps, mask), no gradient (None without one)."""
@@ -207,9 +226,23 @@ class Engines:
         lrs: list[float] = self.scheduler.get_last_lr()
         return lrs
 
+    def note_grad_norm(self) -> None:
+        """Before the update: keep the gradient norm where the engine does not (ZeRO stage 0 in
+        float32 clips without recording it); a device tensor, read with the step's metrics."""
+        if self.policy.zero_optimization_stage() == 0 and not self.policy.bfloat16_enabled():
+            # accumulated in float64, as DeepSpeed's ZeRO norms are (float32 sums drift ~1e-5)
+            norms = [
+                torch.linalg.vector_norm(p.grad, dtype=torch.float64)
+                for p in self.policy.module.parameters()
+                if p.grad is not None
+            ]
+            self.fp32_grad_norm = torch.linalg.vector_norm(torch.stack(norms)) if norms else None
+
     def step_figures(self, lrs: list[float]) -> dict[str, float]:
         """The policy step's gradient norm and learning rates ("lr", "lr/prior")."""
         norm = self.policy.get_global_grad_norm()
+        if norm is None:
+            norm = self.fp32_grad_norm
         out = {"grad_norm": float(norm) if norm is not None else float("nan")}
         for name, lr in zip(self.group_names, lrs, strict=False):
             if name != "model_no_decay":
@@ -220,7 +253,7 @@ class Engines:
         """How much of each engine's parameters this rank holds."""
         out: dict[str, Any] = {"policy": partition_report(self.policy.module.lm)}
         if self.reference is not None:
-            out["reference"] = partition_report(self.reference.module)
+            out["reference"] = partition_report(self.reference)
         if self.marginal is not None:
             out["marginal_prior"] = partition_report(self.marginal.module)
         return out
@@ -251,7 +284,8 @@ def build_engines(plan: TrainPlan) -> Engines:
     def scheduler(opt: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
         return torch.optim.lr_scheduler.LambdaLR(opt, schedule)
 
-    lm = load_lm(plan.policy_dir, plan.dtype, True, t.gradient_checkpointing)
+    launch = plan.launch
+    lm = load_lm(plan.policy_dir, plan.dtype, True, launch.gradient_checkpointing, launch.attention)
     check_vocabulary(plan.data, int(lm.config.vocab_size))
     module = PolicyModule(lm, objective, t.token_chunk_size)
     # The objective's few prior parameters are gathered together when it is called.
@@ -276,16 +310,25 @@ def build_engines(plan: TrainPlan) -> Engines:
     )
 
     if plan.reference_mode == "live":
-        ref_lm = load_lm(plan.reference_dir, plan.dtype, False, t.gradient_checkpointing)
-        engines.reference, *_ = deepspeed.initialize(
-            model=ReferenceModule(ref_lm, t.token_chunk_size), config=frozen_engine_config(ds)
-        )
+        ref_lm = load_lm(plan.reference_dir, plan.dtype, False, False, launch.attention)
+        reference = ReferenceModule(ref_lm, t.token_chunk_size)
+        if ds.get("zero_optimization", {}).get("stage", 0) == 3:
+            # the weights stay partitioned: an inference engine gathers them layer by layer
+            engines.reference, *_ = deepspeed.initialize(
+                model=reference, config=frozen_engine_config(ds)
+            )
+        else:
+            # it fits: a plain module, no engine (ZeRO-1/2 engines refuse to run without an
+            # optimizer, and one adds hooks for nothing)
+            engines.reference = reference.to(distributed.current_device())
         engines.reference.eval()
 
     if objective.marginal_source == "prompt_free_model":
         # Lemma 1's prior: a prompt-free copy of the reference, fitted to the policy's
         # responses by maximum likelihood with its own optimizer.
-        m_lm = load_lm(plan.reference_dir, plan.dtype, True, t.gradient_checkpointing)
+        m_lm = load_lm(
+            plan.reference_dir, plan.dtype, True, launch.gradient_checkpointing, launch.attention
+        )
         m_module = PromptFreeModule(m_lm, t.token_chunk_size)
         m_lr = t.marginal_prior_learning_rate or t.learning_rate
         m_groups = model_parameter_groups(m_module, m_lr, t.weight_decay)

@@ -1,8 +1,9 @@
 """What the engines wrap: the policy (LM + objective), the frozen reference, the prompt-free model.
 
-Chosen and rejected go through the model in one forward: by default each pair's prompt once,
-followed by both responses (a 4D mask keeps the responses apart), unpacked to the usual [2B, T]
-layout (``decoder_outputs``). Per-token log-probs and KL come from the objectives library's
+Chosen and rejected go through the model in one forward, in the micro-batch's layout (padded
+rows; each pair's prompt once followed by both responses, a 4D mask keeping the responses apart;
+or every sequence packed into one row without padding), unpacked to the usual [2B, T] layout
+(``decoder_outputs``). Per-token log-probs and KL come from the objectives library's
 chunked statistics with the LM head *module* (ZeRO-3 gathers its weight). The objective (with any
 learnable prior parameters) lives inside the policy module, so its parameters train with it.
 """
@@ -96,8 +97,8 @@ def _shift_right(hidden: Tensor) -> Tensor:
 
 
 def decoder_outputs(lm: Any, batch: MicroBatch, hidden_states: bool = False) -> Any:
-    """The decoder's outputs in the usual [2B, T, ...] layout, from the shared-prompt layout
-    when the batch has one (``last_hidden_state``, and ``hidden_states`` when asked)."""
+    """The decoder's outputs in the usual [2B, T, ...] layout, from the shared-prompt or packed
+    layout when the batch has one (``last_hidden_state``, and ``hidden_states`` when asked)."""
     body = decoder(lm)
     if batch.packed_ids is None:
         return body(
@@ -105,16 +106,21 @@ def decoder_outputs(lm: Any, batch: MicroBatch, hidden_states: bool = False) -> 
             attention_mask=batch.attention_mask,
             output_hidden_states=hidden_states,
         )
-    assert batch.packed_segments is not None and batch.unpack_index is not None
+    assert batch.unpack_index is not None
+    segments = batch.packed_segments
     dtype = lm.get_input_embeddings().weight.dtype
     out = body(
         input_ids=batch.packed_ids,
-        attention_mask=shared_prompt_mask(batch.packed_segments, dtype),
+        # padding-free rows need none: the model reads the sequences from the position ids
+        attention_mask=shared_prompt_mask(segments, dtype) if segments is not None else None,
         position_ids=batch.packed_positions,
         output_hidden_states=hidden_states,
+        use_cache=False,  # with a cache the model would not look for packed sequences
     )
-    pairs = batch.packed_ids.shape[0]
-    rows = (torch.arange(2 * pairs, device=batch.packed_ids.device) % pairs)[:, None]
+    rows = batch.unpack_rows
+    if rows is None:  # shared prompt: pair b's row holds sequences b and B + b
+        pairs = batch.packed_ids.shape[0]
+        rows = (torch.arange(2 * pairs, device=batch.packed_ids.device) % pairs)[:, None]
 
     def unpack(t: Tensor) -> Tensor:
         return t[rows, batch.unpack_index]
@@ -169,6 +175,16 @@ def prompt_free_logps(lm: Any, batch: MicroBatch, chunk_size: int) -> tuple[Tens
         hidden, batch.free_ids, mask, lm.get_output_embeddings(), chunk_size=chunk_size
     )
     return stats.logps, mask
+
+
+def response_logps(lm: Any, batch: MicroBatch, chunk_size: int) -> Tensor:
+    """Per-token log-probs [2B, T] of the batch's responses (0 elsewhere), in its layout."""
+    hidden = decoder_outputs(lm, batch).last_hidden_state
+    head = lm.get_output_embeddings()
+    stats = response_token_stats(
+        hidden, batch.input_ids, batch.response_mask, head, chunk_size=chunk_size
+    )
+    return stats.logps
 
 
 @dataclass

@@ -25,6 +25,7 @@ from pipeline.training.batching import epoch_batches
 from pipeline.training.checkpoints import checkpoint_dir
 from pipeline.training.ds_config import deepspeed_config
 from pipeline.training.pairs import PairData, check_vocabulary, load_pairs
+from pipeline.training.resources import LaunchChoice, choose, settings_choice
 
 REFERENCE_MODES = ("none", "precomputed", "live")
 
@@ -47,6 +48,17 @@ class TrainPlan:
     log: Callable[[int, dict[str, float]], None] | None = None  # rank 0: per-step metrics sink
     export: bool = True  # write the Hugging Face folder (and check it) at the end
     checkpoints: bool = True  # save DeepSpeed checkpoints (every N steps and at the end)
+    # What train.*: auto resolved to at launch (None: the settings as given, "auto" as on CPU).
+    choice: LaunchChoice | None = None
+
+    def __post_init__(self) -> None:
+        if self.choice is None:
+            self.choice = settings_choice(self.train)
+
+    @property
+    def launch(self) -> LaunchChoice:
+        assert self.choice is not None
+        return self.choice
 
     @property
     def global_batch(self) -> int:
@@ -154,9 +166,14 @@ def make_plan(
     *,
     output_dir: Path | None = None,
     log: Callable[[int, dict[str, float]], None] | None = None,
+    choice: LaunchChoice | None = None,
+    local_world_size: int | None = None,
 ) -> TrainPlan:
     """Resolve data, models, reference mode and the DeepSpeed config; every check that can fail
-    before training fails here (the stage calls it before launching any process)."""
+    before training fails here (the stage calls it before launching any process).
+
+    ``choice``: the launch's hardware choices (every rank must train with rank 0's); resolved
+    here from this machine when not given."""
     from pipeline.config import stage_config
 
     score = store.require("score")
@@ -179,8 +196,18 @@ def make_plan(
     vocab_size = model_config.get("vocab_size") or text_config.get("vocab_size")
     if vocab_size:
         check_vocabulary(data, int(vocab_size))
+    if choice is None:
+        choice = choose(
+            cfg.train,
+            policy_dir,
+            world_size,
+            accelerator=distributed.accelerator_name(),
+            live_reference=mode == "live",
+            max_length=cfg.model.max_length,
+            local_world_size=local_world_size,
+        )
     ds = deepspeed_config(
-        cfg.train.ds_config,
+        choice.ds_config,
         cfg.train,
         world_size,
         model_config.get("hidden_size") or text_config.get("hidden_size"),
@@ -189,6 +216,7 @@ def make_plan(
         "train": stage_config(cfg, "train"),
         "score": score["output_hash"],
         "world_size": world_size,
+        "choice": {k: v for k, v in choice.as_dict().items() if k != "reason"},
         "policy": str(policy_dir),
         "reference": str(reference_dir),
     }
@@ -199,6 +227,7 @@ def make_plan(
         reference_dir=reference_dir,
         reference_mode=mode,
         ds_config=ds,
+        choice=choice,
         checkpoint_dir=checkpoint_dir(store.scratch_dir("train"), key),
         output_dir=output_dir,
         world_size=world_size,
@@ -234,6 +263,7 @@ def summary(
         "truncation": plan.data.report.as_dict(),
         "zero_partition": partition,
         "ds_config": plan.ds_config,
+        "launch_choice": plan.launch.as_dict(),
         "tokens_per_s": result.tokens_per_s,
         "train_seconds": result.seconds,
         "export_max_abs_diff": result.export_check.get("max_abs_diff"),

@@ -54,6 +54,8 @@ class Trainer:
         return self._engines
 
     def build(self) -> None:
+        if self.plan.launch.layout == "shared_prompt":
+            self.check_shared_prompt()  # before the engines: ZeRO-3 would partition its model
         self._engines = build_engines(self.plan)
 
     def partition(self) -> dict[str, Any]:
@@ -74,8 +76,6 @@ class Trainer:
         plan, main = self.plan, self.ranks.is_main
         total = plan.total_steps
         start = self.checkpoints.resume(self.engines)
-        if plan.train.share_prompt:
-            self.check_shared_prompt()
         metrics_path = plan.checkpoint_dir / "metrics.jsonl"
         if main:
             plan.checkpoint_dir.mkdir(parents=True, exist_ok=True)
@@ -162,6 +162,7 @@ class Trainer:
         scale = world * accum / len(global_batch)  # makes the loss a mean over the global batch
         sums: dict[str, float] = {}
         tokens = 0
+        finite: list[tuple[MicroBatch, Tensor, Tensor]] = []  # (batch, losses, loss finite?)
         for m, indices in enumerate(micro):
             batch = self._micro_batch(indices, filler=global_batch[0])
             ref = engines.reference_outputs(batch)
@@ -174,9 +175,18 @@ class Trainer:
             loss = scale * (
                 (losses * batch.row_weight.to(losses.dtype)).sum() + batch.num_real * extra
             )
-            if not distributed.all_true(bool(torch.isfinite(loss.detach()).item())):
-                raise non_finite_error(step, m, batch, losses, self.plan)
+            # Read once a step, before the update (DeepSpeed applies it at the last
+            # micro-batch's step()): one device read and one all-reduce, not one per micro-batch.
+            finite.append((batch, losses.detach(), torch.isfinite(loss.detach())))
+            if m == len(micro) - 1:
+                flags = torch.stack([ok for _, _, ok in finite]).tolist()
+                if not distributed.all_true(all(flags)):
+                    first = flags.index(False) if False in flags else None
+                    bad = None if first is None else (first, *finite[first][:2])
+                    raise non_finite_error(step, bad, self.plan)
             engines.policy.backward(loss)
+            if m == len(micro) - 1:
+                engines.note_grad_norm()
             engines.policy.step()
             for key, value in out["metrics"].items():
                 sums[key] = sums.get(key, 0.0) + value * batch.num_real
@@ -213,33 +223,55 @@ class Trainer:
             ref_logps=plan.reference_mode == "precomputed",
             weights=plan.data.has_weights and objective.needs_token_weights,
             prompt_free=objective.marginal_source is not None,
-            share_prompt=plan.train.share_prompt,
+            layout=plan.launch.layout,
         )
         return batch.to(self.device)
 
     def _probe(self) -> MicroBatch:
         """The first pairs as separate sequences (the export check's yardstick)."""
         indices = list(range(min(PROBE_PAIRS, len(self.plan.data))))
-        return dataclasses.replace(self._micro_batch(indices, filler=0), packed_ids=None)
+        return separate(self._micro_batch(indices, filler=0))
 
     def check_shared_prompt(self) -> None:
         """The shared-prompt forward must give the two-sequence forward's log-probs.
 
         A model whose attention ignores custom 4D masks (e.g. flash-attention-2) would let the
-        rejected response see the chosen one; this catches it before any step.
+        rejected response see the chosen one; this catches it before any step. Compared in
+        float32 on a copy of the policy (the attention path is the model's, not its dtype's):
+        valid data agrees to rounding (~1e-6 nats), a mask that is ignored misses by ~1.
         """
-        batch = self._micro_batch(list(range(min(2, len(self.plan.data)))), filler=0)
-        separate = dataclasses.replace(batch, packed_ids=None)
-        shared_logps, separate_logps = self.engines.policy_logps([batch, separate])
+        from pipeline.models import load_tokenizer
+        from pipeline.training.engines import load_lm
+        from pipeline.training.modules import response_logps
+
+        plan = self.plan
+        tokenizer = load_tokenizer(plan.policy_dir)
+        pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
+        lm = load_lm(plan.policy_dir, torch.float32, False, False, plan.launch.attention)
+        lm.to(self.device)
+        indices = list(range(min(2, len(plan.data))))
+        batch = collate(plan.data, indices, 0, pad_id, layout="shared_prompt").to(self.device)
+        with torch.no_grad():
+            shared = response_logps(lm, batch, plan.train.token_chunk_size)
+            apart = response_logps(lm, separate(batch), plan.train.token_chunk_size)
+        del lm
         mask = batch.response_mask
-        diff = float(((shared_logps - separate_logps).abs() * mask).sum() / mask.sum())
-        limit = SHARED_PROMPT_TOLERANCE[self.plan.train.precision]
+        diff = float(((shared - apart).abs() * mask).sum() / mask.sum())
+        limit = SHARED_PROMPT_TOLERANCE["fp32"]
         if diff > limit:
             raise TrainingError(
-                f"train.share_prompt: this model's shared-prompt forward differs from two "
-                f"separate sequences by {diff:.3g} nats per token (limit {limit}); its attention "
-                "probably ignores custom 4D masks. Set train.share_prompt=false"
+                f"train.layout=shared_prompt: with attention {plan.launch.attention!r} the "
+                f"shared-prompt forward differs from two separate sequences by {diff:.3g} nats "
+                f"per token in float32 (limit {limit}); this attention "
+                "ignores custom 4D masks. Set train.attention=sdpa or train.layout=padded"
             )
+
+
+def separate(batch: MicroBatch) -> MicroBatch:
+    """The same micro-batch as separate padded sequences (no shared-prompt or packed rows)."""
+    return dataclasses.replace(
+        batch, packed_ids=None, packed_segments=None, unpack_index=None, unpack_rows=None
+    )
 
 
 def _progress_bar(total: int, start: int, enabled: bool) -> Any:
@@ -282,16 +314,24 @@ def global_means(
 
 
 def non_finite_error(
-    step: int, micro_step: int, batch: MicroBatch, losses: Tensor, plan: TrainPlan
+    step: int, bad: tuple[int, MicroBatch, Tensor] | None, plan: TrainPlan
 ) -> TrainingError:
     """What stops training at a non-finite loss: the pairs (from every rank) and the last good
-    checkpoint. Every rank calls it together (it gathers)."""
-    bad = [
-        pid
-        for pid, value in zip(batch.pair_ids, losses.tolist(), strict=False)
-        if not math.isfinite(value)
-    ]
-    everywhere = sorted({p for part in distributed.gather_objects(bad) for p in part})
+    checkpoint. Every rank calls it together (it gathers); ``bad``: this rank's first
+    non-finite micro-batch (index, batch, per-pair losses), None where all were finite."""
+    pairs: list[str] = []
+    micro_steps: list[int] = []
+    if bad is not None:
+        micro_step, batch, losses = bad
+        micro_steps.append(micro_step)
+        pairs = [
+            pid
+            for pid, value in zip(batch.pair_ids, losses.tolist(), strict=False)
+            if not math.isfinite(value)
+        ]
+    gathered = distributed.gather_objects((pairs, micro_steps))
+    everywhere = sorted({p for part, _ in gathered for p in part})
+    micro_step = min((m for _, ms in gathered for m in ms), default=0)
     latest = read_latest(plan.checkpoint_dir)
     kept = f"step {latest['step']} in {plan.checkpoint_dir}" if latest else "none yet"
     return TrainingError(
