@@ -25,6 +25,13 @@ VADER_SDIST = "vaderSentiment-3.3.2.tar.gz"
 _INNER_TAR = "vaderSentiment-3.3.2/additional_resources/hutto_ICWSM_2014.tar.gz"
 _SNIPPETS = "hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt"
 HUMAN_PAIR_PROMPT = "Write a one-sentence movie review."
+UTF8_BOM = b"\xef\xbb\xbf"
+_TOO_DEEP = "nested too deeply to read"
+# Chat roles a message may have (OpenAI / Hugging Face chat templates).
+ROLES = ("system", "user", "assistant", "tool")
+# Text is bounded before tokenisation: no token of a real tokenizer is near this many characters,
+# so a text this long in characters per max_length token cannot fit anyway.
+CHARS_PER_TOKEN_BOUND = 32
 
 
 class DataError(ValueError):
@@ -161,7 +168,13 @@ def load_records(path: str | Path) -> list[tuple[str, dict[str, Any]]]:
     if p.is_dir():
         from datasets import load_from_disk
 
-        ds = load_from_disk(str(p))
+        try:
+            ds = load_from_disk(str(p))
+        except FileNotFoundError:
+            raise DataError(
+                f"dataset {p}: a folder that is not a saved dataset (no dataset_info.json or "
+                "state.json from save_to_disk); give a .jsonl, .json or .parquet file instead"
+            ) from None
         if hasattr(ds, "keys"):  # a DatasetDict: take the train split
             if "train" not in ds:
                 raise DataError(f"{p}: a DatasetDict without a 'train' split ({list(ds.keys())})")
@@ -170,12 +183,14 @@ def load_records(path: str | Path) -> list[tuple[str, dict[str, Any]]]:
     if p.suffix == ".parquet":
         return [(f"{p}:row {i + 1}", r) for i, r in enumerate(read_rows(p))]
     if p.suffix in (".jsonl", ".json"):
-        raw = p.read_bytes()
+        raw = p.read_bytes().removeprefix(UTF8_BOM)  # editors on Windows write one
         if p.suffix == ".json" and raw.lstrip().startswith(b"["):
             try:
                 rows = json.loads(raw)
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise DataError(f"{p}: invalid JSON ({e})") from None
+            except RecursionError:
+                raise DataError(f"{p}: invalid JSON ({_TOO_DEEP})") from None
             return [(f"{p}:item {i + 1}", r) for i, r in enumerate(rows)]
         out = []
         for line_no, line in enumerate(raw.split(b"\n"), start=1):
@@ -191,10 +206,76 @@ def load_records(path: str | Path) -> list[tuple[str, dict[str, Any]]]:
                 out.append((where, json.loads(text)))
             except json.JSONDecodeError as e:
                 out.append((where, {"__error__": f"invalid JSON ({e.msg} at column {e.colno})"}))
+            except RecursionError:
+                out.append((where, {"__error__": f"invalid JSON ({_TOO_DEEP})"}))
         return out
     raise DataError(
         f"dataset {p}: unsupported format (use .jsonl, .json, .parquet or a saved dataset folder)"
     )
+
+
+@dataclass
+class TextLimit:
+    """The bound on a text's characters before tokenisation (``CHARS_PER_TOKEN_BOUND`` per
+    max_length token): longer prompts are cut to their end or refused (``policy``, as
+    generate.long_prompts), longer responses cut to their start; ``clipped`` counts the cuts."""
+
+    max_chars: int
+    policy: str = "truncate"
+    clipped: int = 0
+
+    @classmethod
+    def for_length(cls, max_length: int, policy: str) -> TextLimit:
+        return cls(CHARS_PER_TOKEN_BOUND * max_length, policy)
+
+    def prompt(self, text: str, field: str) -> str:
+        if len(text) <= self.max_chars:
+            return text
+        if self.policy == "fail":
+            raise DataError(
+                f"field '{field}': {len(text)} characters, over the {self.max_chars} that "
+                "model.max_length allows; set generate.long_prompts=truncate to keep its end"
+            )
+        self.clipped += 1
+        return text[-self.max_chars :]
+
+    def response(self, text: str) -> str:
+        if len(text) <= self.max_chars:
+            return text
+        self.clipped += 1
+        return text[: self.max_chars]
+
+
+def _check_string(value: str, field: str) -> str:
+    if not value.strip():
+        raise DataError(f"field '{field}': empty")
+    if "\ufffd" in value:
+        raise DataError(f"field '{field}': undecodable text (replacement characters)")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:  # a lone surrogate, e.g. "\ud800" in JSON
+        raise DataError(
+            f"field '{field}': invalid Unicode (lone surrogate at character {e.start})"
+        ) from None
+    return value
+
+
+def _message_list(value: list[Any], field: str) -> list[dict[str, str]]:
+    """A TRL conversational field: {role, content} messages with known roles."""
+    if not value or not all(isinstance(m, dict) and "content" in m for m in value):
+        raise DataError(
+            f"field '{field}': expected a string or a list of {{role, content}} messages"
+        )
+    for i, m in enumerate(value):
+        if m.get("role") not in ROLES:
+            raise DataError(
+                f"field '{field}': message {i}: role {str(m.get('role'))[:40]!r} is not one of "
+                + ", ".join(repr(r) for r in ROLES)
+            )
+        if not isinstance(m["content"], str):
+            raise DataError(f"field '{field}': message {i}: content is not a string")
+        _check_string(m["content"], f"{field}[{i}].content")
+    return value
 
 
 def _text(row: dict[str, Any], field: str, role: str | None = None) -> str:
@@ -203,34 +284,56 @@ def _text(row: dict[str, Any], field: str, role: str | None = None) -> str:
         raise DataError(f"field '{field}': missing")
     value = row[field]
     if isinstance(value, list):
-        if not value or not all(isinstance(m, dict) and "content" in m for m in value):
-            raise DataError(
-                f"field '{field}': expected a string or a list of {{role, content}} messages"
-            )
+        messages = _message_list(value, field)
         if role is not None:
-            value = [m for m in value if m.get("role") == role] or value
-        value = value[-1]["content"]
+            messages = [m for m in messages if m["role"] == role] or messages
+        value = messages[-1]["content"]
     if not isinstance(value, str):
         raise DataError(f"field '{field}': expected a string, got {type(value).__name__}")
-    if not value.strip():
-        raise DataError(f"field '{field}': empty")
-    if "\ufffd" in value:
-        raise DataError(f"field '{field}': undecodable text (replacement characters)")
-    return value
+    return _check_string(value, field)
 
 
-def _messages(row: dict[str, Any]) -> str | list[dict[str, str]]:
-    value = row.get("prompt")
-    return value if isinstance(value, list) else _text(row, "prompt")
+def split_implicit_prompt(row: dict[str, Any]) -> dict[str, Any]:
+    """TRL's implicit-prompt format (``chosen``/``rejected`` conversations only, sharing their
+    opening messages): the shared prefix becomes the prompt, the rest the responses, as TRL's
+    ``extract_prompt`` does. Other rows are returned unchanged."""
+    chosen, rejected = row.get("chosen"), row.get("rejected")
+    if row.get("prompt") is not None or not isinstance(chosen, list):
+        return row
+    if not isinstance(rejected, list) or not all(isinstance(m, dict) for m in chosen + rejected):
+        return row  # reported as malformed by the validator
+    n = 0
+    while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+        n += 1
+    if n == 0:
+        raise DataError(
+            "field 'prompt': missing, and 'chosen' and 'rejected' share no opening messages "
+            "to take it from"
+        )
+    return {**row, "prompt": chosen[:n], "chosen": chosen[n:], "rejected": rejected[n:]}
+
+
+def _prompt(row: dict[str, Any], limit: TextLimit | None) -> str | list[dict[str, str]]:
+    value = row["prompt"]
+    if limit is None:
+        return value if isinstance(value, list) else _text(row, "prompt")
+    if isinstance(value, list):
+        return [{**m, "content": limit.prompt(m["content"], "prompt")} for m in value]
+    return limit.prompt(_text(row, "prompt"), "prompt")
 
 
 def validate_rows(
-    records: list[tuple[str, dict[str, Any]]], kind: str, drop_bad: bool, source: str
+    records: list[tuple[str, dict[str, Any]]],
+    kind: str,
+    drop_bad: bool,
+    source: str,
+    limit: TextLimit | None = None,
 ) -> list[dict[str, Any]]:
     """Validate every row before any work. kind: 'preference' or 'prompts'.
 
     Returns normalised rows {prompt (str or messages), [chosen, rejected]}; raises DataError
-    listing bad rows (first 10) unless ``drop_bad``, in which case it reports the count.
+    listing bad rows (first 10) unless ``drop_bad``, in which case it reports the count. With a
+    ``limit``, texts are bounded in characters (``TextLimit``) before anything tokenises them.
     """
     good: list[dict[str, Any]] = []
     bad: list[str] = []
@@ -240,11 +343,14 @@ def validate_rows(
                 raise DataError(f"expected an object, got {type(row).__name__}")
             if "__error__" in row:
                 raise DataError(row["__error__"])
-            _text(row, "prompt", role="user")
-            out: dict[str, Any] = {"prompt": _messages(row)}
             if kind == "preference":
-                out["chosen"] = _text(row, "chosen", role="assistant")
-                out["rejected"] = _text(row, "rejected", role="assistant")
+                row = split_implicit_prompt(row)
+            _text(row, "prompt", role="user")
+            out: dict[str, Any] = {"prompt": _prompt(row, limit)}
+            if kind == "preference":
+                for side in ("chosen", "rejected"):
+                    text = _text(row, side, role="assistant")
+                    out[side] = limit.response(text) if limit else text
                 if out["chosen"] == out["rejected"]:
                     raise DataError("fields 'chosen' and 'rejected': identical")
             good.append(out)
@@ -263,7 +369,7 @@ def validate_rows(
             file=sys.stderr,
         )
     if not good:
-        raise DataError(f"{source}: no usable rows")
+        raise DataError(f"{source}: no usable rows ({len(records)} read, {len(bad)} bad)")
     return good
 
 

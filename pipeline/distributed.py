@@ -15,6 +15,12 @@ goes on as one rank. Cluster topology comes from the environment, as on SLURM or
                  (pdsh); without it, every node runs the same command with its own NODE_RANK
     MIDPO_LAUNCHER  "deepspeed" (default) or "torchrun"
 
+What listens where (docs/reliability.md): on one node the ranks meet through a file store in a
+private temp folder (``MIDPO_RENDEZVOUS_FILE``, set by ``launch``) and gloo/NCCL connect over
+the loopback interface, so nothing listens beyond 127.0.0.1. Across nodes torch's TCPStore
+listens on MASTER_PORT on node 0 on every interface (torch has no option to bind it to one);
+gloo and NCCL use the interfaces GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME name.
+
 Every rank calls ``init_process_group()`` then, whatever happens, ``teardown()``: a barrier and
 ``destroy_process_group``; without them gloo sometimes aborts at exit and the launcher reports a
 failure for a run that succeeded.
@@ -27,10 +33,12 @@ import contextlib
 import datetime as _dt
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -70,11 +78,11 @@ def local_device_count() -> int:
 
 
 def default_nproc() -> int:
-    """Processes per node for nproc "auto": one per accelerator, or 2 CPU ranks (1 on 1 core)."""
+    """Processes per node for nproc "auto": one per accelerator; one on a CPU-only node, where a
+    single process with every core's threads beats ranks splitting the same cores (measured in
+    docs/training.md: faster, and without a second copy of the training state)."""
     devices = local_device_count()
-    if devices > 0:
-        return devices
-    return 2 if len(os.sched_getaffinity(0)) >= 2 else 1
+    return devices if devices > 0 else 1
 
 
 def free_port() -> int:
@@ -240,6 +248,35 @@ def run_launcher(cmd: list[str], env: dict[str, str] | None = None) -> int:
             signal.signal(s, handler)
 
 
+RENDEZVOUS_FILE = "MIDPO_RENDEZVOUS_FILE"
+
+
+def loopback_interface() -> str | None:
+    """The name of this machine's loopback interface ("lo" on Linux), if it has one."""
+    names = [name for _, name in socket.if_nameindex()]
+    return next((n for n in names if n == "lo" or n.startswith("lo")), None)
+
+
+@contextlib.contextmanager
+def single_node_rendezvous(plan: LaunchPlan, env: dict[str, str]) -> Any:
+    """On one node: the ranks meet through a file store in a fresh private folder (removed
+    afterwards) and talk over loopback, so no rank listens on a network interface. Across nodes
+    ``env`` is left as it is (TCPStore on MASTER_ADDR:MASTER_PORT)."""
+    if plan.nnodes > 1 or plan.hostfile:
+        yield
+        return
+    folder = tempfile.mkdtemp(prefix="midpo-rendezvous-")  # mode 0700: only this user's ranks
+    env[RENDEZVOUS_FILE] = str(Path(folder) / "store")
+    loopback = loopback_interface()
+    if loopback:
+        env.setdefault("GLOO_SOCKET_IFNAME", loopback)
+        env.setdefault("NCCL_SOCKET_IFNAME", loopback)
+    try:
+        yield
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def launch(module: str, args: list[str], plan: LaunchPlan) -> int:
     """Start ``python -m module args`` on every rank of this node; the launcher's exit code."""
     cmd = launcher_command(plan, module, args)
@@ -253,7 +290,8 @@ def launch(module: str, args: list[str], plan: LaunchPlan) -> int:
     if plan.nnodes > 1 or plan.hostfile:
         where += f", node {plan.node_rank}, master {plan.master_addr}:{plan.master_port}"
     print(f"[launch] {plan.launcher}: {where}", file=sys.stderr, flush=True)
-    return run_launcher(cmd, env)
+    with single_node_rendezvous(plan, env):
+        return run_launcher(cmd, env)
 
 
 def exit_reason(code: int) -> str:
@@ -334,9 +372,17 @@ def init_process_group(timeout_minutes: float = 60.0) -> Ranks:
             torch.set_num_threads(max(1, cores // max(1, ranks.local_world_size)))
     else:
         accelerator.set_device(ranks.local_rank)
+    # One node (launch set a rendezvous file): a file store, nothing listening; else env://.
+    store_file = os.environ.get(RENDEZVOUS_FILE)
+    rendezvous: dict[str, Any] = (
+        {"init_method": f"file://{store_file}", "rank": ranks.rank, "world_size": ranks.world_size}
+        if store_file
+        else {}
+    )
     deepspeed.init_distributed(
         dist_backend=accelerator.communication_backend_name(),
         timeout=_dt.timedelta(minutes=timeout_minutes),
+        **rendezvous,
     )
     if accelerator.device_name() == "cpu":
         # DeepSpeed's CPU comm op has each rank create a /dev/shm buffer and map every peer's

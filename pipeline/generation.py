@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from pipeline.config import RunConfig, config_hash
+from pipeline.config import RunConfig, clip, config_hash
 from pipeline.data import DataError, read_rows, write_rows
 from pipeline.models import ModelError, check_model_folder, load_causal_lm, load_tokenizer
 from pipeline.records import SampleRecord
@@ -90,9 +90,10 @@ def resolve_device(device: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def check_sampling_model(path: str | Path) -> Path:
-    """A model folder usable for sampling; ModelError naming what is missing otherwise."""
-    return check_model_folder(Path(path))
+def check_sampling_model(path: str | Path, allow_pickle: bool = False) -> Path:
+    """A model folder usable for sampling; ModelError naming what is missing otherwise.
+    ``allow_pickle``: model.allow_pickle_weights, the one opt-in every loader honours."""
+    return check_model_folder(Path(path), allow_pickle=allow_pickle)
 
 
 def model_fingerprint(path: str | Path) -> str:
@@ -137,6 +138,8 @@ def prepare_prompts(
             f"{len(empty)} empty prompt(s) in {source}: prompt_id {', '.join(empty[:10])}"
             + (" ..." if len(empty) > 10 else "")
         )
+    if not prompt_texts:  # tokenizers fail on an empty batch (IndexError)
+        return PreparedPrompts([], [], [])
     encoded = tokenizer(list(prompt_texts), add_special_tokens=False)["input_ids"]
     too_long = [
         (pid, len(ids))
@@ -344,13 +347,14 @@ def vllm_engine(
     gpu_memory_utilization: float = 0.85,
     kv_cache_gib: int = 1,
     trust_remote_code: bool = False,
+    allow_pickle: bool = False,
 ) -> Any:
     """A vLLM ``LLM`` for a local folder, reused while the settings stay the same.
 
     Keeps one engine per process (a second model replaces the first) so a process that
     generates and then scores with the same model pays the ~15-30 s start once.
     """
-    check_sampling_model(model_dir)
+    check_sampling_model(model_dir, allow_pickle)
     on_cpu = resolve_device(device) == "cpu"
     kwargs: dict[str, Any] = dict(
         model=str(model_dir),
@@ -399,6 +403,9 @@ def release_vllm_engine() -> None:
         shutdown()
     del llm
     gc.collect()
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()  # hand the engine's cached blocks back before training starts
 
 
 def live_vllm_engine() -> Any | None:
@@ -427,6 +434,7 @@ def vllm_for(cfg: RunConfig, model_dir: Path, dtype: str) -> Any:
         gpu_memory_utilization=g.gpu_memory_utilization,
         kv_cache_gib=g.kv_cache_gib,
         trust_remote_code=cfg.model.trust_remote_code,
+        allow_pickle=cfg.model.allow_pickle_weights,
     )
 
 
@@ -469,7 +477,7 @@ class VLLMSampler:
 def sampler_for(cfg: RunConfig, model_dir: Path) -> Sampler:
     """A sampler for a model folder with the run's backend and settings (``generate.*``)."""
     g = cfg.generate
-    check_sampling_model(model_dir)
+    check_sampling_model(model_dir, cfg.model.allow_pickle_weights)
     if g.backend == "transformers":
         return TransformersSampler(
             model_dir,
@@ -552,8 +560,20 @@ class ChunkStore:
         return self.folder / f"chunk-{chunk:05d}.parquet"
 
     def load(self, chunk: int) -> list[dict[str, Any]] | None:
+        """A finished chunk, or None when there is none; a chunk that cannot be read (damaged
+        on disk after its rename) is discarded, so the caller samples it again."""
         path = self.path(chunk)
-        return read_rows(path) if path.is_file() else None
+        if not path.is_file():
+            return None
+        try:
+            return read_rows(path)
+        except Exception as e:  # pyarrow's errors (ArrowInvalid, OSError) share no base class
+            print(
+                f"[generate] discarding unreadable chunk {path} ({clip(str(e), 200)})",
+                file=sys.stderr,
+            )
+            path.unlink(missing_ok=True)
+            return None
 
     def save(self, chunk: int, rows: list[dict[str, Any]]) -> None:
         path = self.path(chunk)

@@ -161,6 +161,8 @@ def check_model_folder(path: Path, allow_pickle: bool = False) -> Path:
             raise ModelError(
                 f"model folder {path} is missing weight shard(s): {', '.join(missing)}"
             )
+    for name in sorted(safe):
+        check_safetensors(path / name)
     if not safe:
         pickled = [n for n in names if n.endswith((".bin", ".pt", ".pth", ".ckpt"))]
         if pickled and not allow_pickle:
@@ -172,6 +174,35 @@ def check_model_folder(path: Path, allow_pickle: bool = False) -> Path:
         if not pickled:
             raise ModelError(f"model folder {path} has no weights (*.safetensors)")
     return path
+
+
+def check_safetensors(path: Path) -> None:
+    """A whole safetensors file: its header parses and its size is the header's data end
+    (a truncated copy or download fails here, not deep inside a sampler)."""
+    import json
+    import struct
+
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+        if not 0 < n <= min(size - 8, 100 << 20):
+            raise ModelError(f"{path}: not a safetensors file (bad header length; truncated?)")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise ModelError(f"{path}: corrupt safetensors header") from None
+    ends = [
+        int(t["data_offsets"][1])
+        for k, t in header.items()
+        if k != "__metadata__" and isinstance(t, dict) and len(t.get("data_offsets", ())) == 2
+    ]
+    expected = 8 + n + max(ends, default=0)
+    if size != expected:
+        raise ModelError(
+            f"{path}: {size} bytes, but its header says {expected}: "
+            f"{'truncated' if size < expected else 'trailing data'}; copy or convert it again"
+        )
 
 
 def resolve_model(

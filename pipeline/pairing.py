@@ -270,7 +270,8 @@ def score_pairs(cfg: RunConfig, tokenizer: Any, models: ScoreModels, source: Pat
         scored = pairs_from_samples(cfg, data.read_rows(source), tokenizer, models, logprobs)
     if not scored.pairs:
         raise ScoringError(
-            f"no preference pairs left (drops: {scored.drops or 'none'}); check the scorer, "
+            f"no preference pairs left (drops: {scored.drops or 'none'}; counts: "
+            f"{scored.counts or 'none'}); check the scorer, "
             "score.drop_ties / score.drop_truncated / score.min_margin"
         )
     if cfg.score.reference_logps != "none":
@@ -296,8 +297,13 @@ def sample_rewards(
     the reference log-probs of every response when they were computed on the way (DICE)."""
     if cfg.score.dice.enabled:
         d = cfg.score.dice
-        dice_policy = config_model_dir(d.policy_model, "score.dice.policy_model", models.policy)
-        dice_ref = config_model_dir(d.reference_model, "score.dice.reference_model", models.base)
+        pickle = cfg.model.allow_pickle_weights
+        dice_policy = config_model_dir(
+            d.policy_model, "score.dice.policy_model", models.policy, pickle
+        )
+        dice_ref = config_model_dir(
+            d.reference_model, "score.dice.reference_model", models.base, pickle
+        )
         seqs = [(r["prompt_token_ids"], ids) for r in samples for ids in r["response_token_ids"]]
         ref = logprobs(dice_ref)(seqs, desc="implicit-reward reference log-probs")
         pol = logprobs(dice_policy)(seqs, desc="implicit-reward policy log-probs")
@@ -440,8 +446,13 @@ def replay_pairs(
             "score.dice.replay_fraction > 0 needs score.dice.replay_path (a preference dataset); "
             "the built-in task's human pairs are held out for evaluation"
         )
-    rows = read_preference_rows(d.replay_path, tokenizer, cfg.data.drop_bad_rows)
+    limit = data.TextLimit.for_length(cfg.model.max_length, cfg.generate.long_prompts)
+    rows = read_preference_rows(d.replay_path, tokenizer, cfg.data.drop_bad_rows, limit)
+    counts["replay_texts_clipped"] = limit.clipped
     want = replay_count(num_generated, d.replay_fraction, len(rows))
+    if want == 0:  # no generated pairs to add a share to: the caller reports the drops
+        counts["replay_pairs"] = 0
+        return []
     picked = np.random.default_rng(cfg.score.seed).choice(len(rows), size=want, replace=False)
     chosen_rows = [{**rows[i], "prompt_id": f"replay-{i}"} for i in sorted(picked.tolist())]
     pairs, stats = text_pairs(chosen_rows, tokenizer, cfg, "replay", d.replay_path, stage="score")
@@ -455,11 +466,12 @@ def attach_token_weights(
 ) -> dict[str, str]:
     """TIS-DPO weights from the contrastive pair (default: generating policy vs reference)."""
     s = cfg.score
+    pickle = cfg.model.allow_pickle_weights
     positive = config_model_dir(
-        s.tisdpo_positive_model, "score.tisdpo_positive_model", models.policy
+        s.tisdpo_positive_model, "score.tisdpo_positive_model", models.policy, pickle
     )
     negative = config_model_dir(
-        s.tisdpo_negative_model, "score.tisdpo_negative_model", models.reference
+        s.tisdpo_negative_model, "score.tisdpo_negative_model", models.reference, pickle
     )
     pos, neg = (
         response_logps(

@@ -57,6 +57,36 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def content_fingerprint(path: Path, memo: Path | None = None) -> str:
+    """Identity of a file's or folder's contents (relative names and sha256 of every file).
+
+    Size, mtime, ctime and inode are the fast path: a file whose stat matches the entry
+    remembered in ``memo`` (a JSON file) keeps its hash; any other file is hashed again, so
+    rewriting a file in place with new content is always noticed and a mere ``touch`` (same
+    bytes, so the same fingerprint) reruns nothing.
+    """
+    path = path.expanduser().resolve()
+    files = sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else [path]
+    known: dict[str, Any] = {}
+    if memo is not None and memo.is_file():
+        with contextlib.suppress(OSError, ValueError):
+            known = json.loads(memo.read_text())
+    changed = False
+    digests = []
+    for f in files:
+        st = f.stat()
+        stat = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+        entry = known.get(str(f))
+        if not (isinstance(entry, dict) and entry.get("stat") == stat):
+            entry = known[str(f)] = {"stat": stat, "sha256": file_sha256(f)}
+            changed = True
+        digests.append((f.relative_to(path).as_posix() if f != path else f.name, entry["sha256"]))
+    if memo is not None and changed:
+        with contextlib.suppress(OSError):  # only a cache: a read-only cache folder still works
+            atomic_write_json(memo, known)
+    return hashlib.sha256(json.dumps(digests).encode()).hexdigest()[:16]
+
+
 def read_manifest(stage_dir: Path) -> dict[str, Any] | None:
     """The manifest of a stage folder, or None when absent. A corrupt manifest is an error."""
     path = stage_dir / MANIFEST
@@ -124,6 +154,11 @@ class RunStore:
 
     def expected_hash(self, stage: str) -> str:
         return config_hash(stage_config(self.cfg, stage))
+
+    def fingerprint(self, path: str | Path) -> str:
+        """``content_fingerprint`` of an input outside the run store (a data file, a model
+        folder, a reward module), its file hashes remembered in the cache."""
+        return content_fingerprint(Path(path), Path(self.cfg.cache_dir) / "fingerprints.json")
 
     # -- reading upstream ------------------------------------------------------------------
     def complete_manifest(self, stage: str) -> dict[str, Any] | None:

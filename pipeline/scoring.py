@@ -24,20 +24,25 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import importlib.util
+import inspect
 import math
 import sys
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pipeline.config import RunConfig
+from pipeline.config import RunConfig, reward_function_problem
 from pipeline.generation import live_vllm_engine, release_vllm_engine, resolve_device, vllm_for
 from pipeline.models import ModelError, check_model_folder, load_tokenizer, render_prompt
 from pipeline.runstore import StageError
+
+if TYPE_CHECKING:
+    from pipeline.data import TextLimit
 
 RewardFn = Callable[[list[str], list[str]], Sequence[float]]
 
@@ -48,10 +53,14 @@ class ScoringError(StageError):
 
 # -- reward functions --------------------------------------------------------------------------
 def load_reward_function(spec: str) -> RewardFn:
-    """Import ``module:function`` (only the module named in config is imported)."""
+    """Import ``module:function`` (only the module named in config is imported; importing runs
+    its top-level code: config is code, see docs/reliability.md). The shape and standard-library
+    modules (``os:system``) are refused before any import; the function must accept
+    ``(prompts, responses)``."""
+    problem = reward_function_problem(spec)
+    if problem:
+        raise ScoringError(f"score.{problem}")
     module_name, _, attr = spec.partition(":")
-    if not module_name or not attr:
-        raise ScoringError(f"score.scorer.function must be 'module:function', got {spec!r}")
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
@@ -59,11 +68,31 @@ def load_reward_function(spec: str) -> RewardFn:
             f"score.scorer.function={spec!r}: cannot import {module_name!r} ({e})"
         ) from None
     fn = getattr(module, attr, None)
-    if not callable(fn):
+    # A class would "return" an instance; a builtin is C code (print, eval), not a reward.
+    if not callable(fn) or isinstance(fn, type) or inspect.isbuiltin(fn):
         raise ScoringError(
-            f"score.scorer.function={spec!r}: {module_name} has no function {attr!r}"
+            f"score.scorer.function={spec!r}: {module_name}.{attr} is not a Python function"
+            + ("" if fn is not None else f" ({module_name} has no function {attr!r})")
         )
+    try:
+        inspect.signature(fn).bind(["prompt"], ["response"])
+    except TypeError:
+        raise ScoringError(
+            f"score.scorer.function={spec!r}: {module_name}.{attr}{inspect.signature(fn)} "
+            "does not take (prompts, responses)"
+        ) from None
     return fn
+
+
+def reward_module_file(spec: str) -> Path | None:
+    """The source file of a reward function's module, found without running the module (its
+    parent packages are imported), or None when there is none to read."""
+    try:
+        found = importlib.util.find_spec(spec.partition(":")[0])
+    except (ImportError, ValueError):
+        return None  # load_reward_function reports it
+    origin = Path(found.origin) if found is not None and found.origin else None
+    return origin if origin is not None and origin.is_file() else None
 
 
 def _check_rewards(values: Any, expected: int) -> list[float]:
@@ -117,11 +146,12 @@ class RewardModelScorer:
         device: str = "auto",
         max_length: int = 1024,
         trust_remote_code: bool = False,
+        allow_pickle: bool = False,
     ) -> None:
         import torch
         from transformers import AutoModelForSequenceClassification
 
-        path = check_model_folder(Path(model_dir).expanduser())
+        path = check_model_folder(Path(model_dir).expanduser(), allow_pickle=allow_pickle)
         self.device = resolve_device(device)
         self.tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
         self.model = (
@@ -129,6 +159,7 @@ class RewardModelScorer:
                 str(path),
                 dtype=getattr(torch, dtype),
                 trust_remote_code=trust_remote_code,
+                use_safetensors=not allow_pickle or None,
             )
             .to(self.device)
             .eval()
@@ -413,12 +444,13 @@ def replay_count(num_generated: int, fraction: float, available: int) -> int:
 
 
 def read_preference_rows(
-    path: str | Path, tokenizer: Any, drop_bad: bool = False
+    path: str | Path, tokenizer: Any, drop_bad: bool = False, limit: TextLimit | None = None
 ) -> list[dict[str, Any]]:
-    """A user preference dataset (TRL formats) -> rows {prompt, prompt_text, chosen, rejected}."""
+    """A user preference dataset (TRL formats) -> rows {prompt, prompt_text, chosen, rejected};
+    ``limit`` bounds texts before they are rendered or tokenised."""
     from pipeline import data
 
-    rows = data.validate_rows(data.load_records(path), "preference", drop_bad, str(path))
+    rows = data.validate_rows(data.load_records(path), "preference", drop_bad, str(path), limit)
     return [
         {
             "prompt": data.prompt_display(r["prompt"]),
@@ -442,16 +474,18 @@ def warn(stage: str, message: str) -> None:
     print(f"[{stage}] {message}", file=sys.stderr)
 
 
-def config_model_dir(value: str | None, key: str, default: Path | None = None) -> Path:
+def config_model_dir(
+    value: str | None, key: str, default: Path | None = None, allow_pickle: bool = False
+) -> Path:
     """A model folder named by config key ``key`` (``default`` when the key is unset): resolved
-    and checked, errors naming the key."""
+    and checked (``allow_pickle``: model.allow_pickle_weights), errors naming the key."""
     if value is None:
         if default is None:
             raise ModelError(f"{key}: no model folder given")
         return default
     path = Path(value).expanduser().resolve()
     try:
-        return check_model_folder(path)
+        return check_model_folder(path, allow_pickle=allow_pickle)
     except ModelError as e:
         raise ModelError(f"{key}: {e}") from None
 
@@ -513,7 +547,9 @@ def scorer_for(cfg: RunConfig) -> RunScorer:
     if sc.kind == "function":
         return RunScorer(sc.function, sc.batch_size, reward_fn=load_reward_function(sc.function))
     assert sc.model is not None  # validated by ScorerConfig
-    model_dir = config_model_dir(sc.model, "score.scorer.model")
+    model_dir = config_model_dir(
+        sc.model, "score.scorer.model", allow_pickle=cfg.model.allow_pickle_weights
+    )
     if sc.kind == "reward_model":
         rm = RewardModelScorer(
             model_dir,
@@ -521,6 +557,7 @@ def scorer_for(cfg: RunConfig) -> RunScorer:
             device=cfg.score.device,
             max_length=sc.max_length,
             trust_remote_code=cfg.model.trust_remote_code,
+            allow_pickle=cfg.model.allow_pickle_weights,
         )
         return RunScorer(f"reward_model({model_dir})", sc.batch_size, reward_fn=rm)
     running = live_vllm_engine()

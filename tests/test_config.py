@@ -142,3 +142,29 @@ def test_score_hash_depends_on_token_weights_not_the_objective_name() -> None:
     assert score_hash("train.objective=tdpo") == dpo
     # ...unless scoring must compute something for it (TIS-DPO's token weights).
     assert score_hash("train.objective=tisdpo") != dpo
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        (
+            "train.lerning_rate=0.1",
+            "train.lerning_rate: unknown key; did you mean train.learning_rate?",
+        ),
+        (
+            "cluster.stages.train.partitio=gpu",
+            "cluster.stages.train.partitio: unknown key; did you mean "
+            "cluster.stages.train.partition?",
+        ),
+        ("tracking.experiment=a/b", "tracking.experiment: String should match pattern"),
+        ("promote.registered_model=..", "promote.registered_model: String should match pattern"),
+        ("generate.n=" + "9" * 5000, "value is not valid YAML (Exceeds the limit"),
+    ],
+)
+def test_suggestions_names_and_bounded_errors(override: str, expected: str) -> None:
+    """An unknown key suggests the nearest valid one (in nested sections too); names are not
+    paths; whatever the value, the message stays short."""
+    with pytest.raises(ConfigError) as e:
+        load_config(TINY, [override])
+    assert expected in str(e.value), str(e.value)
+    assert len(str(e.value)) < 1000

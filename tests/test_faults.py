@@ -282,3 +282,81 @@ def test_kill_one_rank_fails_the_job_then_rerun_resumes(
     for a, b in zip(resumed, uninterrupted, strict=True):
         for key in ("loss", "rewards/margins", "logps/chosen", "grad_norm"):
             assert a[key] == pytest.approx(b[key], abs=1e-5, rel=1e-5), (a["step"], key)
+
+
+# -- what training listens on ------------------------------------------------------------------
+def _listening_addresses_of_my_process_group() -> list[str]:
+    """Local addresses of the listening TCP sockets of every process in this process group
+    (from /proc: each process's socket inodes, matched in /proc/net/tcp and tcp6)."""
+    import socket
+
+    group = os.getpgid(0)
+    inodes: set[str] = set()
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            if os.getpgid(int(proc.name)) != group:
+                continue
+            for fd in (proc / "fd").iterdir():
+                with contextlib.suppress(OSError):
+                    link = os.readlink(fd)
+                    if link.startswith("socket:["):
+                        inodes.add(link[len("socket:[") : -1])
+    found = []
+    for table, family in (("tcp", socket.AF_INET), ("tcp6", socket.AF_INET6)):
+        for line in Path(f"/proc/net/{table}").read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] != "0A" or fields[9] not in inodes:  # 0A: LISTEN
+                continue
+            raw = bytes.fromhex(fields[1].split(":")[0])
+            # The kernel prints each 32-bit word of the address in host (little-endian) order.
+            raw = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
+            found.append(socket.inet_ntop(family, raw))
+    return found
+
+
+def _is_loopback(address: str) -> bool:
+    import ipaddress
+
+    ip = ipaddress.ip_address(address)
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return ip.is_loopback or (mapped is not None and mapped.is_loopback)
+
+
+def test_single_node_training_listens_only_on_loopback() -> None:
+    """Two ranks launched on one node as the train stage launches them: once their process
+    group is up, no process of the job (launcher, ranks) listens beyond loopback (torch's
+    TCPStore used to listen on every interface, whatever MASTER_ADDR said)."""
+    code = (
+        "import sys; from pipeline import distributed as d; "
+        "sys.exit(d.launch('tests.test_faults', [], d.launch_plan(2)))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=REPO,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        start_new_session=True,  # the job's processes are this group (see the probe below)
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    reports = [line for line in done.stdout.splitlines() if line.startswith("LISTENING ")]
+    assert len(reports) == 1, done.stdout[-3000:]
+    addresses = json.loads(reports[0].removeprefix("LISTENING "))
+    assert addresses, "the probe saw no listening socket at all (gloo listens on loopback)"
+    assert all(_is_loopback(a) for a in addresses), addresses
+
+
+if __name__ == "__main__":  # a rank of test_single_node_training_listens_only_on_loopback
+    import torch.distributed as dist
+
+    from pipeline import distributed
+
+    ranks = distributed.init_process_group(timeout_minutes=2)
+    dist.barrier()
+    if ranks.rank == 0:
+        print("LISTENING " + json.dumps(_listening_addresses_of_my_process_group()), flush=True)
+    dist.barrier()
+    distributed.teardown()

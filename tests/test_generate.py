@@ -444,3 +444,55 @@ def test_vllm_judge_scores(vllm_tiny_run: RunConfig) -> None:
     for rewards in by_prompt.values():
         assert all(0.0 <= x <= 1.0 for x in rewards)
         assert sum(rewards) == pytest.approx(len(rewards) / 2, abs=1e-6)
+
+
+def test_corrupt_chunk_in_scratch_is_discarded_and_redone(
+    tiny_config: ConfigFactory, tiny_prepared: RunConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A kept chunk damaged on disk (not a parquet file any more) is discarded and sampled
+    again; the result equals an uninterrupted run's."""
+    cfg = prepared(tiny_config, tiny_prepared, "generate.chunk_size=8", "generate.batch_size=4")
+    calls: list[int] = []
+    real = generation.TransformersSampler.sample
+
+    def failing(self, prompts, seeds, settings):  # type: ignore[no-untyped-def]
+        calls.append(len(prompts))
+        if calls == [4, 4, 4]:
+            raise KeyboardInterrupt  # the first run dies inside the second chunk
+        return real(self, prompts, seeds, settings)
+
+    monkeypatch.setattr(generation.TransformersSampler, "sample", failing)
+    store = RunStore(cfg)
+    with pytest.raises(KeyboardInterrupt):
+        run_stage(cfg, "generate")
+    (kept,) = store.scratch_dir("generate").glob("*/chunk-00000.parquet")
+    kept.write_bytes(kept.read_bytes()[: kept.stat().st_size // 2])
+    calls[:] = [0]
+    run_stage(cfg, "generate")
+    assert calls == [0, 4, 4, 4, 4]  # both chunks sampled: the damaged one was not used
+    resumed = store.require("generate")["outputs"]
+    monkeypatch.setattr(generation.TransformersSampler, "sample", real)
+    run_stage(cfg, "generate", force=True)
+    assert store.require("generate")["outputs"] == resumed
+
+
+def test_allow_pickle_weights_is_honoured_by_generate(
+    tiny_config: ConfigFactory, tiny_prepared: RunConfig, tmp_path: Path
+) -> None:
+    """model.allow_pickle_weights is one opt-in: a pickle-only folder (pytorch_model.bin) that
+    prepare accepts with it is sampled from by generate too; without it both refuse."""
+    base = Path(RunStore(tiny_prepared).require("prepare")["model_dir"])
+    pickled = tmp_path / "pickled"
+    shutil.copytree(base, pickled, ignore=shutil.ignore_patterns("*.safetensors"))
+    torch.save(load_causal_lm(base).state_dict(), pickled / "pytorch_model.bin")
+    cfg = prepared(tiny_config, tiny_prepared, f"generate.model={pickled}")
+    with pytest.raises(ModelError, match="model.allow_pickle_weights=true"):
+        run_stage(cfg, "generate")
+    cfg = prepared(
+        tiny_config,
+        tiny_prepared,
+        f"generate.model={pickled}",
+        "model.allow_pickle_weights=true",
+    )
+    run_stage(cfg, "generate")
+    assert RunStore(cfg).require("generate")["model_dir"] == str(pickled)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.runstore import RunStore, StageError, atomic_write_bytes
+from pipeline.runstore import RunStore, StageError, atomic_write_bytes, content_fingerprint
 from tests.conftest import ConfigFactory
 
 
@@ -129,3 +129,29 @@ def test_atomic_write_interrupted_leaves_old_content(tmp_path: Path) -> None:
     atomic_write_bytes(target, b"new")
     assert target.read_bytes() == b"new"
     assert os.listdir(tmp_path).count("f.json") == 1
+
+
+def test_content_fingerprint_follows_content_not_timestamps(tmp_path: Path) -> None:
+    """Size, mtime, ctime and inode only spare re-hashing: a touch keeps the fingerprint; new
+    bytes change it, also at the same size and with the old mtime put back; a folder's
+    fingerprint covers every file in it."""
+    memo = tmp_path / "memo.json"
+    data_file = tmp_path / "rows.jsonl"
+    data_file.write_text("first\n")
+    first = content_fingerprint(data_file, memo)
+    assert memo.is_file()
+    data_file.touch()
+    assert content_fingerprint(data_file, memo) == first
+    mtime = data_file.stat().st_mtime_ns
+    data_file.write_text("other\n")  # same size
+    os.utime(data_file, ns=(mtime, mtime))
+    assert content_fingerprint(data_file, memo) != first
+    assert content_fingerprint(data_file) == content_fingerprint(data_file, memo)
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    (folder / "weights.bin").write_bytes(b"\0" * 64)
+    before = content_fingerprint(folder, memo)
+    (folder / "weights.bin").write_bytes(b"\1" * 64)
+    assert content_fingerprint(folder, memo) != before

@@ -26,6 +26,7 @@ from pipeline.scoring import (
     call_reward_function,
     length_balanced_alpha,
     length_gap,
+    load_reward_function,
     replay_count,
     token_weights,
 )
@@ -331,7 +332,7 @@ def test_all_equal_samples_give_no_pairs(tiny_config: ConfigFactory, generated: 
     with pytest.raises(
         ScoringError,
         match=r"no preference pairs left \(drops: "
-        r"\{'prompt_all_samples_equal': 16\}\)",
+        r"\{'prompt_all_samples_equal': 16\}; counts: ",
     ):
         run_stage(cfg, "score")
 
@@ -634,3 +635,76 @@ def test_judge_releases_only_an_engine_it_started(
     with scoring.scorer_for(cfg):
         pass
     assert released == [started] and generation._ENGINE["llm"] is running
+
+
+def test_reward_function_must_be_a_function_taking_prompts_and_responses(
+    tiny_config: ConfigFactory, generated: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Config is code, within limits: a standard-library callable (os:system) is refused before
+    anything is imported; a module's non-function or a function of other arguments is refused
+    with its signature, not called."""
+    from pipeline.config import ConfigError
+
+    with pytest.raises(ConfigError, match="os is a standard-library module"):
+        tiny_config("score.scorer.function=os:system")
+    with pytest.raises(ScoringError, match="subprocess is a standard-library module"):
+        load_reward_function("subprocess:call")
+    (tmp_path / "shaped_rewards.py").write_text(
+        "THRESHOLD = 3\n"
+        "class Scorer:\n"
+        "    def __init__(self, prompts, responses): pass\n"
+        "def one_argument(responses):\n"
+        "    return [1.0 for _ in responses]\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for spec, message in (
+        ("shaped_rewards:THRESHOLD", "shaped_rewards.THRESHOLD is not a Python function"),
+        ("shaped_rewards:Scorer", "shaped_rewards.Scorer is not a Python function"),
+        (
+            "shaped_rewards:one_argument",
+            r"shaped_rewards.one_argument\(responses\) does not take \(prompts, responses\)",
+        ),
+    ):
+        with pytest.raises(ScoringError, match=message):
+            run_stage(scored_run(tiny_config, generated, f"score.scorer.function={spec}"), "score")
+
+
+def test_edited_reward_module_reruns_score(
+    tiny_config: ConfigFactory, generated: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The reward function's module is an input: edited in place, score runs again."""
+    module = tmp_path / "edited_rewards.py"
+    module.write_text("def length(prompts, responses):\n    return [len(r) for r in responses]\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cfg = scored_run(tiny_config, generated, "score.scorer.function=edited_rewards:length")
+    store = RunStore(cfg)
+    run_stage(cfg, "score")
+    first = store.require("score")
+    run_stage(cfg, "score")
+    assert store.require("score")["finished"] == first["finished"]  # unchanged: skipped
+    module.write_text("def length(prompts, responses):\n    return [-len(r) for r in responses]\n")
+    run_stage(cfg, "score")
+    second = store.require("score")
+    assert (
+        second["fingerprints"]["score.scorer.function"]
+        != (first["fingerprints"]["score.scorer.function"])
+    )
+    assert second["started"] >= first["finished"] and second["output_hash"]
+
+
+def test_dice_replay_without_generated_pairs_is_a_clear_error(
+    tiny_config: ConfigFactory, generated: Path, tmp_path: Path
+) -> None:
+    """DICE with the generating model as its own policy rewards every response 0: every pair is
+    a tie, none is generated, and replay has no share to fill. One clear error, no IndexError."""
+    replay = tmp_path / "replay.jsonl"
+    replay.write_text(json.dumps({"prompt": "p", "chosen": "Good.", "rejected": "Bad."}) + "\n")
+    cfg = scored_run(
+        tiny_config,
+        generated,
+        "score.dice.enabled=true",
+        "score.dice.replay_fraction=0.25",
+        f"score.dice.replay_path={replay}",
+    )
+    with pytest.raises(ScoringError, match=r"no preference pairs left \(drops: .*tie"):
+        run_stage(cfg, "score")
