@@ -35,15 +35,26 @@ STAGE_FLAGS = --config $(CONFIG) $(if $(FORCE),--force) $(ARGS)
         mlflow-ui bench clean help
 .PHONY: submit cluster-status slurm-up slurm-down
 .PHONY: iterate frontier
+.PHONY: gpu-kit
 
 help:
-	@echo "make pipeline   run prepare -> generate -> score -> train -> evaluate -> promote"
-	@echo "make test       run the test suite"
-	@echo "make <stage>    run one stage (CONFIG=configs/demo.yaml ARGS='key=value ...' FORCE=1)"
-	@echo "make check      lint, type-check and test"
-	@echo "make submit     the chain as SLURM jobs (CONFIG=... WAIT=1; docs/cluster.md)"
-	@echo "make iterate    ROUNDS=n rounds of generate -> score -> train, each on the last policy"
-	@echo "make frontier   reward-KL frontier across objectives and strengths (POINTS='dpo:0.05,0.1 simpo:2')"
+	@echo "make pipeline       run prepare -> generate -> score -> train -> evaluate -> promote"
+	@echo "make <stage>        one stage: prepare generate score train evaluate promote"
+	@echo "                    (CONFIG=configs/demo.yaml ARGS='key=value ...' FORCE=1)"
+	@echo "make iterate        ROUNDS=n rounds of generate -> score -> train, each on the last policy"
+	@echo "make frontier       reward-KL frontier across objectives and strengths (POINTS='dpo:0.05,0.1 simpo:2')"
+	@echo "make mlflow-ui      the MLflow UI on 127.0.0.1:\$$PORT (5000) over runs/mlflow.db"
+	@echo "make setup          create .venv and install pinned dependencies (other targets run it)"
+	@echo "make test           run the test suite (PYTEST_ARGS=...)"
+	@echo "make lint           ruff check, ruff format --check, mypy"
+	@echo "make check          lint, then test"
+	@echo "make bench          the benchmarks in bench/ (ratios side by side)"
+	@echo "make gpu-kit        wheels + model files for the GPU train bench (offline machine)"
+	@echo "make submit         the chain as SLURM jobs (CONFIG=... WAIT=1; docs/cluster.md)"
+	@echo "make cluster-status the SLURM chain's jobs and stages"
+	@echo "make slurm-up       start a one-node SLURM here (root); slurm-down stops it"
+	@echo "make clean          delete runs/ (run store, model cache, MLflow store)"
+	@echo "make help           this list"
 
 setup: $(STAMP)
 
@@ -107,6 +118,11 @@ slurm-up slurm-down:
 
 bench: setup
 	for b in bench/bench_*.py; do $(BIN)/python $$b || exit 1; done
+
+# Wheels (Python 3.12, manylinux) and model files for the GPU bench on an offline machine, into
+# the ignored bench/.gpu-kit/; run there with bench/gpu/run.sh (docs/training.md).
+gpu-kit: setup
+	PY=$(BIN)/python bash bench/gpu/collect_wheels.sh
 
 clean:
 	rm -rf runs

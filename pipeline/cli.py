@@ -10,13 +10,15 @@ import argparse
 import errno
 import os
 import re
+import shlex
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
-from typing import NoReturn
+from typing import Any, NoReturn
 
-from pipeline.config import ConfigError, RunConfig, load_config
+from pipeline import tracking
+from pipeline.config import ConfigError, RunConfig, clip, load_config
 from pipeline.runstore import RunStore, StageError
 
 DEFAULT_CONFIG = "configs/demo.yaml"
@@ -91,8 +93,42 @@ def _disk_error_line(stage: str, e: BaseException, code: int, cfg: RunConfig | N
     return f"midpo {stage}: error: " + _DISK_ERRORS[code].format(path=path)
 
 
-def stage_parser(prog: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog)
+# The config sections a stage's --help lists (a stage's own section by default).
+HELP_SECTIONS = {"prepare": ("model", "data"), "evaluate": ("evaluate", "generate")}
+
+
+def config_help(sections: tuple[str, ...]) -> str:
+    """``sections`` of the run config, one line per key: its default and description."""
+    from pydantic import BaseModel
+
+    lines: list[str] = []
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, field in model.model_fields.items():
+            key, kind = prefix + name, field.annotation
+            if isinstance(kind, type) and issubclass(kind, BaseModel):
+                walk(kind, key + ".")
+                continue
+            default = "required" if field.is_required() else f"default {field.default!r}"
+            text = f"  {key} ({default})"
+            lines.append(f"{text}: {field.description}" if field.description else text)
+
+    for section in sections:
+        field = RunConfig.model_fields.get(section)
+        if field is not None and isinstance(field.annotation, type):
+            lines.append(f"{section}:")
+            walk(field.annotation, section + ".")
+    return "\n".join(lines)
+
+
+def stage_parser(prog: str, stage: str | None = None) -> argparse.ArgumentParser:
+    """The command line of a stage or chain; with ``stage``, --help lists its config keys."""
+    keys = config_help(HELP_SECTIONS.get(stage, (stage,))) if stage else ""
+    p = argparse.ArgumentParser(
+        prog=prog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=f"config keys (set as key=value):\n{keys}" if keys else None,
+    )
     p.add_argument(
         "--config",
         default=os.environ.get("MIDPO_CONFIG", DEFAULT_CONFIG),
@@ -108,15 +144,86 @@ def stage_parser(prog: str) -> argparse.ArgumentParser:
     return p
 
 
+def early_exit(stage: str, e: SystemExit | KeyboardInterrupt) -> StageError:
+    """The error for code that ended ``stage`` from inside (``sys.exit(0)``, SystemExit,
+    KeyboardInterrupt): never a success. Names the line that raised it (e.g. a reward
+    function's)."""
+    tb, where = e.__traceback__, "unknown code"
+    while tb is not None:
+        where = f"{tb.tb_frame.f_code.co_filename}:{tb.tb_lineno} ({tb.tb_frame.f_code.co_name})"
+        tb = tb.tb_next
+    what = (
+        "interrupted (KeyboardInterrupt)"
+        if isinstance(e, KeyboardInterrupt)
+        else f"exit({e.code!r}) was called"
+    )
+    return StageError(f"stage {stage!r} did not finish: {what} in {where}")
+
+
+def ended_early(e: SystemExit | KeyboardInterrupt) -> bool:
+    """An exit that would otherwise look like success (or a bare interrupt); a nonzero
+    SystemExit already failed the process with its code (train's launcher uses it)."""
+    return isinstance(e, KeyboardInterrupt) or not e.code
+
+
+# When stderr is a file (a log, a SLURM .out), a progress bar's redraws ("\r" + bar, many a
+# second) would make one line of thousands of characters: redraw at most this often, each as
+# its own line. tqdm reads TQDM_MININTERVAL; child processes (ranks) inherit it.
+PROGRESS_LINE_EVERY_S = 30
+
+
+class LineProgress:
+    """A text stream that turns carriage-return redraws into lines."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+        self.at_line_start = True
+
+    def write(self, text: str) -> int:
+        if text.startswith("\r") and self.at_line_start:
+            text = text[1:]
+        text = text.replace("\r", "\n")
+        if text:
+            self.at_line_start = text.endswith("\n")
+        return int(self.stream.write(text))
+
+    def __getattr__(self, name: str) -> Any:  # flush, fileno, isatty, encoding ...
+        return getattr(self.stream, name)
+
+
+def progress_as_lines() -> None:
+    """Progress bars as a line every PROGRESS_LINE_EVERY_S seconds when stderr is no terminal."""
+    if sys.stderr.isatty() or isinstance(sys.stderr, LineProgress):
+        return
+    os.environ.setdefault("TQDM_MININTERVAL", str(PROGRESS_LINE_EVERY_S))
+    sys.stderr = LineProgress(sys.stderr)
+
+
+# However large the bad input (a 50 MB row quoted back, a huge config value), an error stays
+# readable: every message a stage prints is cut to this many characters.
+MAX_ERROR_CHARS = 4000
+
+
 def stage_main(stage: str, run: StageFn, argv: list[str] | None = None) -> None:
-    args = stage_parser(f"python -m stages.{stage}").parse_args(argv)
+    parser = stage_parser(f"python -m stages.{stage}", stage)
+    parser.description = (sys.modules[run.__module__].__doc__ or "").strip().split("\n\n")[0]
+    args = parser.parse_args(argv)
     errors = _known_errors()
     cfg = None
+    tracking.mark_started(stage)
+    if argv is None:  # a command line (not a call from Python, e.g. a test's)
+        progress_as_lines()
     try:
         cfg = load_config(args.config, args.overrides)
-        run(cfg, RunStore(cfg), args.force)
+        try:
+            run(cfg, RunStore(cfg), args.force)
+        except (SystemExit, KeyboardInterrupt) as e:
+            if not ended_early(e):
+                raise
+            raise early_exit(stage, e) from None
     except errors as e:
-        print(f"midpo {stage}: error: {e}", file=sys.stderr)
+        message = clip(_with_command(str(e), args), MAX_ERROR_CHARS)
+        print(f"midpo {stage}: error: {message}", file=sys.stderr)
         sys.exit(2)
     except Exception as e:
         code = _disk_errno(e)
@@ -128,6 +235,18 @@ def stage_main(stage: str, run: StageFn, argv: list[str] | None = None) -> None:
         sys.exit(2)
     if argv is None:  # a command-line run (not a call from Python): the process ends here
         exit_cleanly(0)
+
+
+def _with_command(message: str, args: argparse.Namespace) -> str:
+    """Hints to "run `make <stage>`" name the command that works for this run instead: the
+    same config file and overrides."""
+    rest = " ".join(shlex.quote(o) for o in args.overrides)
+    command = f"midpo {{}}{{}} --config {shlex.quote(args.config)}" + (f" {rest}" if rest else "")
+    return re.sub(
+        r"`make (\w+)`( again)?( with FORCE=1)?",
+        lambda m: f"`{command.format(m[1], ' --force' if m[3] else '')}`{m[2] or ''}",
+        message,
+    )
 
 
 def exit_cleanly(code: int = 0) -> NoReturn:

@@ -6,9 +6,13 @@ out-of-range value fails on load with one line naming the key, the value and wha
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import os
+import re
+import sys
+import typing
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -23,6 +27,34 @@ STAGES = ("prepare", "generate", "score", "train", "evaluate", "promote")
 
 class ConfigError(ValueError):
     """A run configuration that cannot be used; the message names file, key, value and rule."""
+
+
+# A reward function: an importable dotted module and a function name in it.
+REWARD_FUNCTION = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*$")
+
+
+def reward_function_problem(spec: str) -> str | None:
+    """Why ``spec`` cannot name a reward function (None when it can), decided without importing
+    anything: the shape ``module:function``, and no standard-library module (``os:system``)."""
+    if not REWARD_FUNCTION.match(spec):
+        return (
+            f"scorer.function must be 'module:function' naming a Python function "
+            f"f(prompts, responses) -> rewards, got {clip(repr(spec), 120)}"
+        )
+    top = spec.split(".", 1)[0].split(":", 1)[0]
+    if top in sys.stdlib_module_names or top == "builtins":
+        return (
+            f"scorer.function={spec!r}: {top} is a standard-library module, not a reward "
+            "function; name a function(prompts, responses) -> rewards in your own module"
+        )
+    return None
+
+
+def clip(text: str, limit: int) -> str:
+    """``text`` cut to ``limit`` characters, saying how much was left out."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text) - limit} more characters)"
 
 
 class Section(BaseModel):
@@ -76,14 +108,14 @@ class DataConfig(Section):
 
 
 class GenerateConfig(Section):
-    backend: Literal["vllm", "transformers"] = "vllm"
+    backend: Literal["vllm", "transformers"] = Field("vllm", description="sampling engine")
     # Folder to sample from: None = prepare's base model; later rounds: a train stage's export.
-    model: str | None = None
+    model: str | None = Field(None, description="model folder to sample from (default: prepare's)")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     n: int = Field(4, ge=1, le=1024, description="samples per prompt")
-    temperature: float = Field(1.0, ge=0.0, le=10.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    max_tokens: int = Field(48, ge=1, le=65536)
+    temperature: float = Field(1.0, ge=0.0, le=10.0, description="sampling temperature")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus sampling mass")
+    max_tokens: int = Field(48, ge=1, le=65536, description="longest response, in tokens")
     seed: int = 0
     batch_size: int = Field(16, ge=1, description="prompts per batch (transformers backend)")
     dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
@@ -92,11 +124,13 @@ class GenerateConfig(Section):
     kv_cache_gib: int = Field(1, ge=1, description="VLLM_CPU_KVCACHE_SPACE on CPU")
     gpu_memory_utilization: float = Field(0.85, gt=0.0, le=1.0)
     # Prompts longer than model.max_prompt_length: keep their end ("truncate") or stop ("fail").
-    long_prompts: Literal["truncate", "fail"] = "truncate"
+    long_prompts: Literal["truncate", "fail"] = Field(
+        "truncate", description="prompts over model.max_prompt_length: keep their end, or stop"
+    )
     # vLLM context length; None = the model's own (max_position_embeddings).
     max_model_len: int | None = Field(None, ge=16)
     # Prompts per resumable unit: each finished chunk is kept in scratch until the stage ends.
-    chunk_size: int = Field(256, ge=1)
+    chunk_size: int = Field(256, ge=1, description="prompts per resumable unit")
 
 
 class ScorerConfig(Section):
@@ -115,8 +149,10 @@ class ScorerConfig(Section):
 
     @model_validator(mode="after")
     def _target(self) -> ScorerConfig:
-        if self.kind == "function" and ":" not in self.function:
-            raise ValueError(f"scorer.function must be 'module:function', got {self.function!r}")
+        if self.kind == "function":
+            problem = reward_function_problem(self.function)
+            if problem:
+                raise ValueError(problem)
         if self.kind in ("reward_model", "judge") and not self.model:
             raise ValueError(f"scorer kind '{self.kind}' needs scorer.model (a model folder)")
         return self
@@ -199,10 +235,21 @@ class TrainConfig(Section):
     per_device_batch_size: int = Field(4, ge=1)
     gradient_accumulation_steps: int = Field(1, ge=1)
     precision: Literal["bf16", "fp32"] = "bf16"
-    ds_config: str = "ds_configs/zero3.json"
-    gradient_checkpointing: bool = True
-    # Each pair's prompt goes through the model once, shared by both responses (a 4D attention
-    # mask keeps them apart): the same log-probs, (2P + Rc + Rr) / (P + Rc + Rr) less work.
+    # "auto": chosen at launch from the world size and a per-device memory estimate (weights,
+    # gradients, optimizer state against free device memory; RAM per rank on CPU), printed in
+    # one line and recorded in the manifest (training/resources.py); a file path always wins.
+    ds_config: str = "auto"
+    # "auto": on when the activation estimate would not fit beside the model's states.
+    gradient_checkpointing: bool | Literal["auto"] = "auto"
+    # The decoder's attention kernel; "auto": flash_attention_2 on CUDA when installed, else sdpa.
+    attention: Literal["auto", "sdpa", "flash_attention_2", "flex_attention", "eager"] = "auto"
+    # How a micro-batch goes through the model. "shared_prompt": each pair's prompt once, both
+    # responses after it (a 4D mask keeps them apart; (2P + Rc + Rr) / (P + Rc + Rr) less work);
+    # "packed": every sequence in one row, position ids restarting (no padding computed);
+    # "padded": one padded row per sequence. "auto": shared_prompt on CPU, packed on a GPU with a
+    # variable-length kernel (flash_attention_2), padded otherwise (docs/training.md).
+    layout: Literal["auto", "padded", "shared_prompt", "packed"] = "auto"
+    # Kept for old configs: false means layout "padded" wherever layout would be shared_prompt.
     share_prompt: bool = True
     checkpoint_every: int = Field(50, ge=1, description="optimizer steps between checkpoints")
     token_chunk_size: int = Field(1024, ge=1)
@@ -250,23 +297,44 @@ class EvaluateConfig(Section):
 
 
 class GateConfig(Section):
-    min_reward_gain: float = 0.0
-    max_kl: float | None = Field(None, ge=0.0)
-    min_human_accuracy: float | None = Field(None, ge=0.0, le=1.0)
+    min_reward_gain: float = Field(0.0, description="reward over the champion's to pass")
+    max_kl: float | None = Field(None, ge=0.0, description="largest KL(pi || ref) to pass")
+    min_human_accuracy: float | None = Field(
+        None, ge=0.0, le=1.0, description="least implicit-reward accuracy on human pairs"
+    )
+
+
+# Experiment and registered-model names become folder names in MLflow's artifact store: names,
+# never paths (no "/", no leading "." that would make "..").
+NAME = r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$"
 
 
 class PromoteConfig(Section):
-    registered_model: str = Field("midpo-policy", min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")
+    registered_model: str = Field(
+        "midpo-policy", max_length=200, pattern=NAME, description="MLflow registered model name"
+    )
     gate: GateConfig = GateConfig()
-    allow_foreign_versions: bool = False
+    allow_foreign_versions: bool = Field(
+        False, description="add versions beside ones midpo did not make"
+    )
     # Seconds to wait for another promotion of the same registered model to finish.
-    lock_timeout_s: float = Field(600.0, gt=0.0)
+    lock_timeout_s: float = Field(
+        600.0, gt=0.0, description="seconds to wait for the registry lock"
+    )
+    log_transformers_flavour: bool = Field(
+        False, description="also log the model for mlflow.transformers.load_model (a copy)"
+    )
 
 
 class TrackingConfig(Section):
     # None: MLFLOW_TRACKING_URI if set, else a sqlite store under the run root.
-    uri: str | None = None
-    experiment: str = "midpo"
+    uri: str | None = Field(
+        None, description="default: MLFLOW_TRACKING_URI, else sqlite under root"
+    )
+    experiment: str = Field("midpo", max_length=200, pattern=NAME, description="MLflow experiment")
+    system_metrics: bool = Field(
+        False, description="log CPU/GPU/memory use of each stage run (MLflow system metrics)"
+    )
 
 
 SLURM_TIME = r"^(\d+-)?\d{1,2}:\d{2}:\d{2}$"  # [days-]hours:minutes:seconds
@@ -370,6 +438,8 @@ def stage_config(cfg: RunConfig, stage: str) -> dict[str, Any]:
         raise ConfigError(f"unknown stage {stage!r}; stages are {', '.join(STAGES)}")
     out = {k: c[k] for k in sections[stage]}
     out["seed"] = c["seed"]
+    if stage == "prepare":  # user texts are bounded before tokenisation by this policy
+        out["long_prompts"] = c["generate"]["long_prompts"]
     if stage in ("generate", "score", "train", "evaluate"):
         out["max_length"] = c["model"]["max_length"]
         out["max_prompt_length"] = c["model"]["max_prompt_length"]
@@ -429,10 +499,64 @@ def parse_override(text: str) -> tuple[str, Any]:
     if not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override {text!r}: empty key")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError as e:
-        raise ConfigError(f"override {text!r}: value is not valid YAML ({e})") from e
+        value = _load_yaml(raw) if raw.strip() else ""
+    except (yaml.YAMLError, ValueError) as e:  # ValueError: an integer of 5000 digits
+        raise ConfigError(f"override {clip(text, 200)!r}: value is not valid YAML ({e})") from None
     return key, value
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """Safe YAML without aliases: nested ``*alias`` references expand exponentially (a few
+    hundred bytes can become gigabytes), and a run config has no need for them."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            raise yaml.composer.ComposerError(
+                None,
+                None,
+                "aliases (*name) are not allowed in a run config",
+                self.peek_event().start_mark,
+            )
+        return super().compose_node(parent, index)
+
+
+MAX_CONFIG_BYTES = 1 << 20  # a run config is a few kilobytes
+
+
+def _load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 (a SafeLoader)
+
+
+def _section_model(annotation: Any) -> tuple[type[BaseModel] | None, bool]:
+    """The section model inside a field's annotation (X, X | None, dict[str, X]), and whether a
+    dict key comes before its fields."""
+    for arg in (annotation, *typing.get_args(annotation)):
+        if isinstance(arg, type) and issubclass(arg, BaseModel):
+            return arg, False
+        if typing.get_origin(arg) is dict:
+            return _section_model(typing.get_args(arg)[1])[0], True
+    return None, False
+
+
+def _did_you_mean(loc: tuple[Any, ...]) -> str:
+    """'; did you mean train.learning_rate?' for an unknown key close to a valid one."""
+    model: type[BaseModel] | None = RunConfig
+    keyed = False
+    for part in loc[:-1]:
+        if keyed:
+            keyed = False
+            continue
+        field = model.model_fields.get(str(part)) if model else None
+        if field is None:
+            return ""
+        model, keyed = _section_model(field.annotation)
+    if model is None:
+        return ""
+    close = difflib.get_close_matches(str(loc[-1]), list(model.model_fields), n=1)
+    return f"; did you mean {'.'.join(map(str, (*loc[:-1], close[0])))}?" if close else ""
+
+
+MAX_ERROR_LINES = 20
 
 
 def _format_error(source: str, err: ValidationError) -> str:
@@ -441,12 +565,14 @@ def _format_error(source: str, err: ValidationError) -> str:
         loc = ".".join(str(p) for p in e["loc"])
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
-            msg = "unknown key"
+            msg = "unknown key" + _did_you_mean(e["loc"])
         if e["type"] == "literal_error" and "expected" in e.get("ctx", {}):
             msg = f"must be one of {e['ctx']['expected']}"
         given = e.get("input")
-        given_s = "" if isinstance(given, dict) else f" (got {given!r})"
-        lines.append(f"{source}: {loc or '<root>'}: {msg}{given_s}")
+        given_s = "" if isinstance(given, dict) else f" (got {clip(repr(given), 120)})"
+        lines.append(clip(f"{source}: {clip(loc, 200) or '<root>'}: {msg}{given_s}", 1000))
+    if len(lines) > MAX_ERROR_LINES:
+        lines[MAX_ERROR_LINES:] = [f"... and {len(lines) - MAX_ERROR_LINES} more"]
     return "\n".join(lines)
 
 
@@ -455,12 +581,22 @@ def load_config(path: str | os.PathLike[str], overrides: list[str] | None = None
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file not found: {p}")
+    if p.stat().st_size > MAX_CONFIG_BYTES:
+        raise ConfigError(
+            f"{p}: {p.stat().st_size} bytes; a run config is at most {MAX_CONFIG_BYTES}"
+        )
     try:
-        tree = yaml.safe_load(p.read_text()) or {}
+        tree = _load_yaml(p.read_text()) or {}
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{p}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except ValueError as e:  # not a YAMLError: an integer too long to convert
+        raise ConfigError(f"{p}: invalid YAML ({clip(str(e), 300)})") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{p}:{mark.line + 1}" if mark is not None else str(p)
-        raise ConfigError(f"{where}: invalid YAML ({getattr(e, 'problem', e)})") from e
+        raise ConfigError(
+            f"{where}: invalid YAML ({clip(str(getattr(e, 'problem', e)), 300)})"
+        ) from None
     if not isinstance(tree, dict):
         raise ConfigError(f"{p}: top level must be a mapping of sections")
     for text in overrides or []:

@@ -180,6 +180,26 @@ def write_outputs(folder: Path, result: Evaluation, metrics_file: Path) -> list[
     return plot_files
 
 
+def samples_table(result: Evaluation) -> dict[str, list[Any]]:
+    """Every evaluated response, one row each (MLflow's samples table): which model, the
+    prompt, the response, why it ended and its reward."""
+    table: dict[str, list[Any]] = {
+        k: [] for k in ("model", "prompt_id", "prompt", "response", "finish_reason", "reward")
+    }
+    for model, rows in (("policy", result.policy_rows), ("baseline", result.baseline_rows)):
+        for r in rows:
+            for response, finish, reward in zip(
+                r["responses"], r["finish_reasons"], r["rewards"], strict=True
+            ):
+                for key, value in zip(
+                    table,
+                    (model, r["prompt_id"], r["prompt"], response, finish, reward),
+                    strict=True,
+                ):
+                    table[key].append(value)
+    return table
+
+
 # -- steps ------------------------------------------------------------------------------------------
 def shared_tokenizer(cfg: RunConfig, reference_dir: Path, others: set[str]) -> Any:
     """The reference's tokenizer, checked to be every other model's vocabulary too."""

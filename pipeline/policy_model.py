@@ -4,8 +4,8 @@ MLflow stores this file's source with every logged model and runs it on load, so
 policy loads back (``mlflow.pyfunc.load_model("models:/<name>@champion")``) wherever torch and
 transformers are installed: it needs nothing from midpo. Keep it self-contained.
 
-Input: a DataFrame with a ``prompt`` column (user text; the chat template is applied), or a list
-of strings. Output: one generated response per prompt. Params: ``max_new_tokens`` (default 64),
+Input: a DataFrame with a ``prompt`` column (user text; the chat template is applied); a plain
+list of strings is refused by the logged signature, which names that column. Output: one generated response per prompt. Params: ``max_new_tokens`` (default 64),
 ``temperature`` (0 = greedy, the default), ``top_p``.
 """
 

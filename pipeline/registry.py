@@ -5,13 +5,16 @@ A promotion, under one registry lock:
 1. the registered model is created (tagged ``midpo.managed``) or checked: versions this
    pipeline did not make (no ``midpo.model_hash`` tag) are refused unless
    ``promote.allow_foreign_versions`` is set;
-2. a version already holding this model (same ``midpo.model_hash``) makes it a no-op (one
-   registered by a promotion killed before its gate is gated now instead);
-3. otherwise the policy folder is logged as a pyfunc model (``pipeline/policy_model.py``) and
-   registered as a new version tagged with its evaluation metrics, config hash and run ids;
+2. a version already holding this model (same ``midpo.model_hash``) whose promotion finished
+   (tagged ``midpo.promoted`` once its alias was set and read back) makes it a no-op; one left
+   by a killed promotion (registered, or gated without its alias) is gated again now and
+   finished;
+3. otherwise the train run's logged model (``pipeline/policy_model.py``; logged by train, so
+   the version's source run is the train run) is registered as a new version tagged with its
+   evaluation metrics, config hash and run ids;
 4. the gate compares it with the current champion; ``champion`` moves to it only if it
-   passes, else ``challenger`` is set and the reasons are tagged. Versions are never deleted or
-   overwritten; deprecated stages are not used.
+   passes, else ``challenger`` is set and the reasons are tagged; then ``midpo.promoted``.
+   Versions are never deleted or overwritten; deprecated stages are not used.
 
 Concurrency: the lock is an exclusive ``flock`` on a file next to the sqlite store (or under the
 run root for a remote server). Promoters that share that file are serialised, so the second
@@ -46,6 +49,7 @@ TAG_MANAGED = "midpo.managed"
 TAG_MODEL_HASH = "midpo.model_hash"
 TAG_GATE = "midpo.gate"
 TAG_GATE_REASONS = "midpo.gate.reasons"
+TAG_PROMOTED = "midpo.promoted"  # the alias its gate chose, set once that alias is in place
 METRIC_TAG = "midpo.metric."
 POLICY_ARTIFACT = "policy"
 MODEL_CODE = Path(__file__).with_name("policy_model.py")
@@ -337,7 +341,7 @@ def promote(
     client = registry.client
     registry.ensure()
     existing = registry.find_by_hash(model_hash)
-    if existing is not None and TAG_GATE in (existing.tags or {}):
+    if existing is not None and promotion_finished(registry, existing):
         aliases = sorted(getattr(existing, "aliases", []) or [])
         return {
             "action": "unchanged",
@@ -355,7 +359,8 @@ def promote(
     decision = gate_decision(metrics, baseline_reward, compared_to, gate)
 
     if existing is not None:
-        # A promotion killed between registering and gating: finish it on that version.
+        # A promotion killed between registering and setting its alias: finish it on that
+        # version (gated again: the champion may have moved since).
         version, action, source = str(existing.version), "completed", str(existing.source)
     else:
         info = log_model()
@@ -397,6 +402,7 @@ def promote(
             f"promotion (it points at {getattr(now, 'version', None)}, expected {version}); "
             "promoters against a remote server must share the registry lock"
         )
+    client.set_model_version_tag(registry.name, version, TAG_PROMOTED, alias)
     return {
         "action": action,
         "registered_model": registry.name,
@@ -408,6 +414,32 @@ def promote(
         "model_uri": f"models:/{registry.name}@{alias}",
         "source": source,
     }
+
+
+def promotion_finished(registry: Registry, version: Any) -> bool:
+    """Whether ``version``'s promotion ran to its end: tagged ``midpo.promoted`` (versions gated
+    before that tag existed count when the alias their gate chose still points at them)."""
+    tags = version.tags or {}
+    if TAG_PROMOTED in tags:
+        return True
+    if TAG_GATE not in tags:
+        return False
+    alias = CHAMPION if tags[TAG_GATE] == "passed" else CHALLENGER
+    return alias in (getattr(version, "aliases", None) or [])
+
+
+def agrees_with(registry: Registry, record: dict[str, Any]) -> bool:
+    """Whether the registry still holds what a promotion record says it did: the version,
+    with this model's hash, its promotion finished."""
+    try:
+        version = registry.client.get_model_version(registry.name, str(record["version"]))
+    except Exception as e:
+        if _not_found(e):
+            return False
+        raise
+    return (version.tags or {}).get(TAG_MODEL_HASH) == record.get("model_hash") and (
+        promotion_finished(registry, version)
+    )
 
 
 def _gate_baseline(

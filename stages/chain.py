@@ -9,6 +9,8 @@ import time
 from collections.abc import Sequence
 from types import ModuleType
 
+from pipeline import tracking
+from pipeline.cli import early_exit, ended_early
 from pipeline.config import STAGES, RunConfig
 from pipeline.runstore import RunStore
 
@@ -30,10 +32,26 @@ def stage_module(name: str) -> ModuleType:
     return importlib.import_module(f"stages.{name}")
 
 
+# Stages that may start the process's vLLM engine (sampling, vLLM log-probs, the judge); before
+# any other the cached engine is shut down, so training never shares a device with it.
+VLLM_STAGES = frozenset({"generate", "score", "evaluate"})
+
+
 def run_stages(cfg: RunConfig, names: Sequence[str], force: bool = False) -> None:
     """Run ``names`` in order for ``cfg``'s run, with a header and the time of each."""
+    from pipeline.generation import release_vllm_engine
+
     for name in names:
         started = time.time()
         print(f"\n=== {cfg.name}: {name} ===", file=sys.stderr)
-        stage_module(name).run(cfg, RunStore(cfg), force)
+        if name not in VLLM_STAGES:
+            release_vllm_engine()
+        tracking.mark_started(name)
+        try:
+            stage_module(name).run(cfg, RunStore(cfg), force)
+        except BaseException as e:
+            tracking.fail_parent(cfg)  # the parent run spans the chain: it failed
+            if isinstance(e, SystemExit | KeyboardInterrupt) and ended_early(e):
+                raise early_exit(name, e) from None  # user code must not end a chain as success
+            raise
         print(f"=== {cfg.name}: {name}: {time.time() - started:.0f} s ===", file=sys.stderr)

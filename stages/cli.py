@@ -1,19 +1,38 @@
 """``midpo``: one command for every stage and chain.
 
 midpo <command> [--config FILE] [--force] [key=value ...]
+midpo <command> --help                                 # its options and config keys
 midpo show-config [--config FILE] [key=value ...]     # the validated config, as YAML
 """
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import sys
 
-from pipeline.cli import exit_cleanly, stage_parser
-from pipeline.config import STAGES, ConfigError, load_config
+from pipeline.cli import exit_cleanly, progress_as_lines, stage_parser
+from pipeline.config import ConfigError, load_config
+from stages.chain import DESCRIPTIONS
 
-# Chains of stages, beside the stages themselves.
-CHAINS = ("pipeline", "iterate", "frontier")
+# Every command and its line in `midpo --help`: the stages, the chains, show-config.
+COMMANDS = {
+    **DESCRIPTIONS,
+    "pipeline": "the whole chain, prepare -> promote, each stage skipped when up to date",
+    "iterate": "rounds of generate -> score -> train, each on the previous round's policy",
+    "frontier": "reward against KL for several objectives at several strengths",
+    "show-config": "print the validated config (file + overrides) as YAML",
+}
+
+
+def usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = [f"  {name:<{width}}  {text}" for name, text in COMMANDS.items()]
+    return (
+        "usage: midpo <command> [--config FILE] [--force] [key=value ...]\n\n"
+        "commands:\n" + "\n".join(lines) + "\n\n`midpo <command> --help` lists a command's "
+        "options and config keys."
+    )
 
 
 def show_config(argv: list[str]) -> None:
@@ -30,14 +49,18 @@ def show_config(argv: list[str]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = (*STAGES, *CHAINS, "show-config")
-    if not argv or argv[0] not in commands:
-        print(
-            f"usage: midpo {{{','.join(commands)}}} [--config FILE] [--force] [key=value ...]",
-            file=sys.stderr,
-        )
+    if argv[:1] in (["-h"], ["--help"], ["help"]):
+        print(usage())
+        sys.exit(0)
+    if not argv or argv[0] not in COMMANDS:
+        if argv:
+            close = difflib.get_close_matches(argv[0], COMMANDS, n=1)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            print(f"midpo: error: unknown command {argv[0]!r}{hint}\n", file=sys.stderr)
+        print(usage(), file=sys.stderr)
         sys.exit(2)
     command, rest = argv[0], argv[1:]
+    progress_as_lines()
     if command == "show-config":
         show_config(rest)
         return

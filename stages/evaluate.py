@@ -24,9 +24,17 @@ from pathlib import Path
 from pipeline import registry, tracking
 from pipeline.cli import stage_main
 from pipeline.config import RunConfig
-from pipeline.evaluation_steps import evaluate_policy, summary_text, write_outputs
+from pipeline.evaluation_steps import (
+    evaluate_policy,
+    samples_table,
+    summary_text,
+    write_outputs,
+)
 from pipeline.models import check_model_folder
 from pipeline.runstore import RunStore
+
+# The parent run's metrics: the experiment table's columns.
+HEADLINE_METRICS = ("reward_gain", "win_rate", "kl", "human_accuracy")
 
 
 def run(cfg: RunConfig, store: RunStore, force: bool = False) -> None:
@@ -35,7 +43,10 @@ def run(cfg: RunConfig, store: RunStore, force: bool = False) -> None:
     store.require("score")
     train = store.require("train")
     policy_dir = check_model_folder(store.stage_dir("train") / "model")
-    reference_dir = check_model_folder(Path(train.get("reference_model_dir") or prep["model_dir"]))
+    reference_dir = check_model_folder(
+        Path(train.get("reference_model_dir") or prep["model_dir"]),
+        allow_pickle=cfg.model.allow_pickle_weights,
+    )
     baseline = registry.resolve_baseline(cfg, reference_dir)
     # The champion moved since the last evaluation: a new baseline, evaluate again.
     fingerprints = {"baseline_version": str(baseline["version"] or "none")}
@@ -68,13 +79,18 @@ def run(cfg: RunConfig, store: RunStore, force: bool = False) -> None:
         ) as mlrun:
             import mlflow
 
-            mlflow.log_metrics(
-                {
-                    k: float(v)
-                    for k, v in report["metrics"].items()
-                    if isinstance(v, int | float) and math.isfinite(v)
-                }
+            metrics = {
+                k: float(v)
+                for k, v in report["metrics"].items()
+                if isinstance(v, int | float) and math.isfinite(v)
+            }
+            # Linked to the model train logged: its page shows how it scored.
+            model = tracking.train_model(cfg, train)
+            mlflow.log_metrics(metrics, model_id=model.model_id if model is not None else None)
+            tracking.log_parent_metrics(
+                cfg, {k: v for k, v in metrics.items() if k in HEADLINE_METRICS}
             )
+            mlflow.log_table(samples_table(result), "samples.json")
             for f in plot_files:
                 mlflow.log_artifact(str(f), artifact_path="plots")
             mlflow.log_artifact(str(st.dir / "report.json"))

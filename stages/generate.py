@@ -52,7 +52,7 @@ def run(cfg: RunConfig, store: RunStore, force: bool = False) -> None:
         )
     prep = store.require("prepare")
     model_dir = sampling_model_dir(cfg, prep)
-    check_sampling_model(model_dir)
+    check_sampling_model(model_dir, cfg.model.allow_pickle_weights)
     # Same path, new weights (e.g. a re-exported policy): the fingerprint changes, sample again.
     fingerprint = model_fingerprint(model_dir)
 

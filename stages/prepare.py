@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pipeline import data, models
+from pipeline import data, models, tracking
 from pipeline.cli import stage_main
 from pipeline.config import RunConfig
 from pipeline.runstore import RunStore
@@ -39,11 +39,56 @@ def _split(rows: list[dict[str, Any]], seed: int) -> dict[str, list[dict[str, An
     return {"train": order[:a], "eval": order[a:b], "test": order[b:]}
 
 
+def input_fingerprints(cfg: RunConfig, store: RunStore) -> dict[str, str]:
+    """Content fingerprints of prepare's inputs outside the run store: the data files and a
+    base model given as a folder (edited in place, they rerun prepare)."""
+    paths = {"data.path": cfg.data.path, "data.eval_path": cfg.data.eval_path}
+    if cfg.model.base not in models.BUILTIN_MODELS:
+        paths["model.base"] = cfg.model.base
+    return {
+        key: store.fingerprint(value)
+        for key, value in paths.items()
+        if value and Path(value).expanduser().exists()
+    }
+
+
+def user_rows(cfg: RunConfig, limit: data.TextLimit) -> dict[str, list[dict[str, Any]]]:
+    """The user dataset's validated rows, split into train/eval/test (data.eval_path, if set,
+    gives eval and test); an error naming the counts when nothing is left to train on."""
+    d = cfg.data
+    assert d.path is not None  # validated by DataConfig
+    rows = data.validate_rows(data.load_records(d.path), d.task, d.drop_bad_rows, d.path, limit)
+    for i, r in enumerate(rows):
+        r["prompt_id"] = f"u{i}"
+    if d.eval_path:
+        held = data.validate_rows(
+            data.load_records(d.eval_path), d.task, d.drop_bad_rows, d.eval_path, limit
+        )
+        for i, r in enumerate(held):
+            r["prompt_id"] = f"e{i}"
+        half = len(held) // 2
+        splits = {"train": rows, "eval": held[:half] or held, "test": held[half:] or held}
+    else:
+        splits = _split(rows, d.split_seed)
+    if not splits["train"]:
+        what = "preference pairs" if d.task == "preference" else "prompts"
+        raise data.DataError(
+            f"{d.path}: no {what} left to train on: {len(rows)} usable row(s), split "
+            f"80/10/10 into {', '.join(f'{k} {len(v)}' for k, v in splits.items())}; give "
+            "more rows, or held-out rows in data.eval_path so that all of these train"
+        )
+    return splits
+
+
 def run(cfg: RunConfig, store: RunStore, force: bool = False) -> None:
     d = cfg.data
-    with store.stage("prepare", force=force) as st:
+    fingerprints = input_fingerprints(cfg, store)
+    with store.stage("prepare", force=force, fingerprints=fingerprints) as st:
         if st.skipped:
             return
+        # User data first: a bad row fails in seconds, before any model is built or converted.
+        limit = data.TextLimit.for_length(cfg.model.max_length, cfg.generate.long_prompts)
+        splits = user_rows(cfg, limit) if d.task != "vader-sentiment" else {}
         snippets = (
             data.load_vader_snippets()
             if (d.task == "vader-sentiment" or cfg.model.base == models.TINY)
@@ -66,35 +111,23 @@ def run(cfg: RunConfig, store: RunStore, force: bool = False) -> None:
         counts: dict[str, int] = {}
 
         if d.task == "vader-sentiment":
-            splits = data.split_snippets(snippets, d.split_seed)
-            for name, limit in limits.items():
-                rows = data.vader_prompts(splits[name], d.instruction, d.prompt_words, limit)
+            snippet_splits = data.split_snippets(snippets, d.split_seed)
+            for name, limit_n in limits.items():
+                rows = data.vader_prompts(
+                    snippet_splits[name], d.instruction, d.prompt_words, limit_n
+                )
                 data.write_rows(st.dir / "prompts" / f"{name}.parquet", _rendered(tok, rows))
                 counts[f"prompts_{name}"] = len(rows)
             pairs = data.human_pairs(
-                splits["test"], d.human_pair_min_gap, d.num_human_pairs, d.split_seed
+                snippet_splits["test"], d.human_pair_min_gap, d.num_human_pairs, d.split_seed
             )
             data.write_rows(st.dir / "human_pairs.parquet", _rendered(tok, pairs))
             counts["human_pairs"] = len(pairs)
         else:
-            assert d.path is not None  # validated by DataConfig
-            rows = data.validate_rows(data.load_records(d.path), d.task, d.drop_bad_rows, d.path)
-            for i, r in enumerate(rows):
-                r["prompt_id"] = f"u{i}"
-            if d.eval_path:
-                held = data.validate_rows(
-                    data.load_records(d.eval_path), d.task, d.drop_bad_rows, d.eval_path
-                )
-                for i, r in enumerate(held):
-                    r["prompt_id"] = f"e{i}"
-                half = len(held) // 2
-                splits = {"train": rows, "eval": held[:half] or held, "test": held[half:] or held}
-            else:
-                splits = _split(rows, d.split_seed)
-            for name, limit in limits.items():
+            for name, limit_n in limits.items():
                 part = [
                     {"prompt_id": r["prompt_id"], "prompt": r["prompt"]}
-                    for r in splits[name][:limit]
+                    for r in splits[name][:limit_n]
                 ]
                 data.write_rows(st.dir / "prompts" / f"{name}.parquet", _rendered(tok, part))
                 counts[f"prompts_{name}"] = len(part)
@@ -104,7 +137,17 @@ def run(cfg: RunConfig, store: RunStore, force: bool = False) -> None:
                 data.write_rows(st.dir / "human_pairs.parquet", _rendered(tok, held_pairs))
                 counts["preference_pairs"] = len(splits["train"])
                 counts["human_pairs"] = len(held_pairs)
+            counts["texts_clipped"] = limit.clipped
         st.record(model_dir=str(model_dir), counts=counts)
+        with tracking.stage_run(
+            cfg, "prepare", params={"model": cfg.model.base, "data": d.model_dump(mode="json")}
+        ):
+            import mlflow
+
+            mlflow.log_metrics({k: float(v) for k, v in counts.items()})
+            for path in sorted(st.dir.rglob("*.parquet")):  # prompts and pairs, with digests
+                name = str(path.relative_to(st.dir).with_suffix(""))
+                tracking.log_dataset(path, name, context="prepare")
         print(f"[prepare] {counts} -> {st.final_dir}", file=sys.stderr)
 
 

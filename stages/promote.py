@@ -1,12 +1,15 @@
 """promote: register the trained policy in the MLflow model registry behind a gate.
 
-Logs ``runs/<run>/train/model/`` as a pyfunc model, registers a new version of
+Registers the pyfunc model the train run logged (or, when that run's tracking store is not
+this one, logs ``runs/<run>/train/model/`` now) as a new version of
 ``promote.registered_model`` tagged with the evaluation metrics, config hashes and run ids, and
 moves the ``champion`` alias to it only if the gate passes (reward >= champion's +
 ``promote.gate.min_reward_gain``, KL <= ``max_kl``, human-pair accuracy >= ``min_human_accuracy``);
 otherwise sets ``challenger`` and records why. Promoting a model the registry already holds is a
-no-op. Output: ``runs/<run>/promote/promotion.json``. See ``pipeline/registry.py`` for the
-locking guarantees.
+no-op; a promotion killed half-way is finished by the next run, which never reports success
+while the registry disagrees with promotion.json. Output: ``runs/<run>/promote/promotion.json``
+(the tracking URI without credentials). See ``pipeline/registry.py`` for the locking
+guarantees.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from pipeline import registry, tracking
@@ -49,6 +53,9 @@ def run(cfg: RunConfig, store: RunStore, force: bool = False) -> None:
     if not (model_dir / "config.json").is_file():
         raise StageError(f"{model_dir} has no config.json: run `make train` again")
     model_hash = registry.model_folder_hash(train_manifest)
+    # Never "unchanged" while the registry disagrees with promotion.json (a promotion killed
+    # after its output was written, a version deleted since): promote again.
+    force = force or not _registry_agrees(cfg, store)
 
     with store.stage("promote", inputs=["train", "evaluate"], force=force) as st:
         if st.skipped:
@@ -85,11 +92,18 @@ def run(cfg: RunConfig, store: RunStore, force: bool = False) -> None:
                     baseline=baseline,
                     tags=tags,
                     gate=p.gate,
-                    log_model=lambda: registry.log_policy_model(model_dir),
+                    log_model=lambda: (
+                        _train_model(cfg, train_manifest) or registry.log_policy_model(model_dir)
+                    ),
                 )
             record.update(
-                model_hash=model_hash, run=cfg.name, tracking_uri=uri, promote_run_id=r.info.run_id
+                model_hash=model_hash,
+                run=cfg.name,
+                tracking_uri=tracking.redact_uri(uri),
+                promote_run_id=r.info.run_id,
             )
+            if p.log_transformers_flavour:
+                record["transformers_model_uri"] = _log_transformers(mlflow, model_dir)
             mlflow.set_tags(
                 {
                     "midpo.promote.action": record["action"],
@@ -107,6 +121,40 @@ def run(cfg: RunConfig, store: RunStore, force: bool = False) -> None:
             model_hash=model_hash,
         )
     print(_summary(record), file=sys.stderr)
+
+
+def _train_model(cfg: RunConfig, train_manifest: dict[str, Any]) -> Any | None:
+    """The model the train run logged, to register as is (the version's source run is then the
+    train run), or None when this tracking store has none (promote logs the folder then)."""
+    model = tracking.train_model(cfg, train_manifest)
+    if model is None:
+        return None
+    return SimpleNamespace(
+        model_uri=f"models:/{model.model_id}", run_id=model.source_run_id, model_id=model.model_id
+    )
+
+
+def _log_transformers(mlflow: Any, model_dir: Path) -> str:
+    """The policy as MLflow's transformers flavour too, in the promote run (loads with
+    ``mlflow.transformers.load_model``); returns its model URI."""
+    info = mlflow.transformers.log_model(
+        transformers_model=str(model_dir),
+        name="policy-transformers",
+        task="text-generation",
+        pip_requirements=registry.pip_requirements(),
+    )
+    return str(info.model_uri)
+
+
+def _registry_agrees(cfg: RunConfig, store: RunStore) -> bool:
+    """Whether the registry holds what the last promotion.json says (True when there is none)."""
+    path = store.stage_dir("promote") / "promotion.json"
+    if store.complete_manifest("promote") is None or not path.is_file():
+        return True
+    record = json.loads(path.read_text())
+    client = tracking.setup(cfg).MlflowClient()
+    name = str(record.get("registered_model", cfg.promote.registered_model))
+    return registry.agrees_with(registry.Registry(client, name), record)
 
 
 def _summary(record: dict[str, Any]) -> str:

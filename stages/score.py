@@ -20,7 +20,25 @@ from pipeline.cli import stage_main
 from pipeline.config import RunConfig
 from pipeline.generation import model_fingerprint
 from pipeline.runstore import RunStore
-from pipeline.scoring import config_model_dir, write_summary_plot
+from pipeline.scoring import config_model_dir, reward_module_file, write_summary_plot
+
+
+def input_fingerprints(cfg: RunConfig, store: RunStore) -> dict[str, str]:
+    """Content fingerprints of score's inputs outside the run store: the reward function's
+    module file, a reward model or judge folder, DICE's replay dataset."""
+    s = cfg.score
+    paths = {
+        "score.scorer.function": reward_module_file(s.scorer.function)
+        if s.scorer.kind == "function"
+        else None,
+        "score.scorer.model": s.scorer.model if s.scorer.kind != "function" else None,
+        "score.dice.replay_path": s.dice.replay_path if s.dice.enabled else None,
+    }
+    return {
+        key: store.fingerprint(value)
+        for key, value in paths.items()
+        if value and Path(value).expanduser().exists()
+    }
 
 
 def run(cfg: RunConfig, store: RunStore, force: bool = False) -> None:
@@ -29,7 +47,9 @@ def run(cfg: RunConfig, store: RunStore, force: bool = False) -> None:
     prep = store.require("prepare")
     gen = None if offline else store.require("generate")
     reference_dir = config_model_dir(
-        s.reference_model or prep["model_dir"], "score.reference_model"
+        s.reference_model or prep["model_dir"],
+        "score.reference_model",
+        allow_pickle=cfg.model.allow_pickle_weights,
     )
     models = pairing.ScoreModels(
         policy=Path(gen["model_dir"]) if gen else reference_dir,
@@ -37,7 +57,7 @@ def run(cfg: RunConfig, store: RunStore, force: bool = False) -> None:
         base=Path(prep["model_dir"]),
     )
     # Same reference path, new weights: the fingerprint changes and the stage reruns.
-    fingerprints = {"reference": model_fingerprint(reference_dir)}
+    fingerprints = {"reference": model_fingerprint(reference_dir), **input_fingerprints(cfg, store)}
     inputs = ["prepare"] if offline else ["prepare", "generate"]
     source = (
         store.stage_dir("prepare") / "preference.parquet"
@@ -82,6 +102,8 @@ def run(cfg: RunConfig, store: RunStore, force: bool = False) -> None:
 
                 mlflow.log_metrics({k: float(v) for k, v in summary.items() if math.isfinite(v)})
                 mlflow.log_artifact(str(st.dir / "summary.png"))
+                tracking.log_dataset(source, source.stem, context="score input")
+                tracking.log_dataset(st.dir / "pairs.parquet", "pairs", context="training")
         print(
             f"[score] {len(pairs)} pairs ({result.scorer}); drops {result.drops or 'none'} "
             f"-> {st.final_dir}",

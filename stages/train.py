@@ -1,10 +1,12 @@
-"""train: MI-DPO on the score stage's pairs, on DeepSpeed ZeRO-3, one process per device.
+"""train: MI-DPO on the score stage's pairs, on DeepSpeed, one process per device.
 
     python -m stages.train [--config FILE] [--force] [key=value ...]      (or make train)
 
 Run plainly, it checks everything that can be checked up front (upstream output, data, the
-DeepSpeed config against the run config), then starts itself on every rank through the
-DeepSpeed launcher (``pipeline.distributed`` documents NPROC, NNODES, NODE_RANK, MASTER_ADDR,
+DeepSpeed config against the run config, that no other process holds the devices), resolves
+``train.*: auto`` for the hardware (ZeRO stage, checkpointing, attention, layout; one line on
+stderr, recorded in the manifest and the MLflow params), then starts itself on every rank through
+the DeepSpeed launcher (``pipeline.distributed`` documents NPROC, NNODES, NODE_RANK, MASTER_ADDR,
 MASTER_PORT, HOSTFILE) and exits with the launcher's code. Each rank then trains; rank 0 owns
 the run store, MLflow and the export. Killed and rerun, it resumes from the last checkpoint
 (``--force`` starts over).
@@ -19,11 +21,12 @@ from __future__ import annotations
 import contextlib
 import shutil
 import sys
+from pathlib import Path
 from typing import Any
 
 import yaml
 
-from pipeline import distributed, training
+from pipeline import distributed, registry, training
 from pipeline.cli import stage_main
 from pipeline.config import RunConfig
 from pipeline.runstore import RunStore, atomic_write_bytes, atomic_write_json
@@ -37,7 +40,10 @@ def launch(cfg: RunConfig, store: RunStore, force: bool) -> None:
         store.report_skip("train")
         return
     plan = distributed.launch_plan(cfg.train.nproc)
-    training.make_plan(cfg, store, plan.world_size)  # bad input fails here, before any rank
+    # bad input fails here, before any rank; so do devices another process holds
+    checked = training.make_plan(cfg, store, plan.world_size, local_world_size=plan.nproc)
+    training.check_devices_free(training.device_memory_readings())
+    print(checked.launch.line, file=sys.stderr)
     # The ranks read the validated config from a file (the stage may have been called in-process
     # by the pipeline, with overrides that are not on any command line).
     scratch = store.scratch_dir("train")
@@ -84,7 +90,22 @@ def train_rank(cfg: RunConfig, store: RunStore, force: bool) -> None:
                 )
                 log = _mlflow_logger()
             output_dir = st.dir / "model" if st is not None else None
-            plan = training.make_plan(cfg, store, ranks.world_size, log=log, output_dir=output_dir)
+            # rank 0 resolves the hardware choices (train.*: auto); every rank trains with them
+            plan = None
+            if ranks.is_main:
+                plan = training.make_plan(
+                    cfg, store, ranks.world_size, log=log, output_dir=output_dir,
+                    local_world_size=ranks.local_world_size,
+                )  # fmt: skip
+            choice = distributed.broadcast_object(plan.launch if plan is not None else None)
+            if plan is None:
+                plan = training.make_plan(cfg, store, ranks.world_size, choice=choice)
+            if mlflow_run is not None:
+                import mlflow
+
+                mlflow.log_params(
+                    {f"train.launch.{k}": v for k, v in plan.launch.as_dict().items()}
+                )
             if ranks.is_main:
                 training.prepare_checkpoint_dir(plan.checkpoint_dir, fresh=force)
             distributed.barrier()
@@ -97,6 +118,11 @@ def train_rank(cfg: RunConfig, store: RunStore, force: bool) -> None:
                 atomic_write_json(st.dir / "export_check.json", result.export_check)
                 run_id = mlflow_run.info.run_id if mlflow_run is not None else None
                 st.record(**training.summary(plan, result, partition, ranks, run_id))
+                if mlflow_run is not None:
+                    _log_train_outputs(st.dir, cfg, plan.ds_config)
+                    # Logged here, so a registered version's source run is this train run.
+                    model = registry.log_policy_model(st.dir / "model")
+                    st.record(mlflow_model_id=model.model_id)
                 print(
                     f"[train] {result.steps} steps, final loss {result.final_loss:.4f}, "
                     f"{result.tokens_per_s:.0f} tokens/s -> {st.final_dir / 'model'}",
@@ -109,6 +135,17 @@ def train_rank(cfg: RunConfig, store: RunStore, force: bool) -> None:
         raise
     finally:
         distributed.teardown(clean)
+
+
+def _log_train_outputs(out: Path, cfg: RunConfig, ds_config: dict[str, Any]) -> None:
+    """The run config, the resolved DeepSpeed config and the per-step metrics file."""
+    import mlflow
+
+    from pipeline import tracking
+
+    mlflow.log_artifact(str(out / "metrics.jsonl"))
+    mlflow.log_dict(tracking.redacted(cfg.model_dump(mode="json")), "config.yaml")
+    mlflow.log_dict(ds_config, "ds_config.json")
 
 
 def _mlflow_logger() -> Any:

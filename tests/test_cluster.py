@@ -293,6 +293,7 @@ def chain(local_cluster: dict[str, str], cache_dir: Path) -> dict[str, Any]:
         # 24 steps with a checkpoint every 2: time to preempt it mid-training.
         "train.epochs=8",
         "train.checkpoint_every=2",
+        "train.nproc=2",  # two ranks in one job (a CPU node's default is one)
     ]
     cfg = load_config(TINY, overrides)
     started = time.monotonic()
@@ -385,7 +386,11 @@ def test_every_stage_logged_once_to_the_shared_server(
     assert len(parents) == 1, "one parent run per pipeline run"
     parent = parents[0].info.run_id
     parent_file = json.loads((RunStore(cfg).root / "mlflow_parent.json").read_text())
-    assert parent_file == {"run_id": parent, "tracking_uri": local_cluster["mlflow"]}
+    assert parent_file == {
+        "run_id": parent,
+        "tracking_uri": local_cluster["mlflow"],
+        "experiment": cfg.tracking.experiment,
+    }
     children = [r for r in runs if r.info.run_id != parent]
     assert all(r.data.tags.get("mlflow.parentRunId") == parent for r in children)
     finished = [r.data.tags["midpo.stage"] for r in children if r.info.status == "FINISHED"]

@@ -359,3 +359,86 @@ def test_promotion_killed_before_the_gate_is_finished(
     record = promotion(cfg)
     assert (record["action"], record["version"], record["gate"]) == ("completed", "1", "passed")
     assert alias_version(cfg, "champion") == "1" and len(versions(cfg)) == 1
+
+
+def test_promotion_killed_after_its_gate_is_finished_and_never_reported_falsely(
+    tiny_config: ConfigFactory, policies: list[Path]
+) -> None:
+    """Killed after the version was tagged gate=passed, before the alias moved: the rerun sets
+    the alias. A registry that no longer holds what promotion.json says is promoted again,
+    never reported up to date."""
+    import mlflow
+
+    cfg = tiny_config("name=killed-late")
+    fake_upstream(cfg, policies[0], reward=0.5)
+    model_hash = registry.model_folder_hash(RunStore(cfg).require("train"))
+    client = client_for(cfg)
+    name = cfg.promote.registered_model
+    registry.Registry(client, name).ensure()
+    with mlflow.start_run():
+        info = registry.log_policy_model(cfg.run_dir / "train" / "model")
+    client.create_model_version(
+        name,
+        source=info.model_uri,
+        tags={registry.TAG_MODEL_HASH: model_hash, registry.TAG_GATE: "passed"},
+    )
+    assert alias_version(cfg, "champion") is None
+    run_stage(cfg, "promote")
+    record = promotion(cfg)
+    assert (record["action"], record["version"], record["gate"]) == ("completed", "1", "passed")
+    assert alias_version(cfg, "champion") == "1"
+
+    client.delete_model_version(name, "1")  # the registry no longer agrees with promotion.json
+    run_stage(cfg, "promote")  # not forced
+    record = promotion(cfg)
+    assert (record["action"], record["version"]) == ("registered", "2")
+    assert alias_version(cfg, "champion") == "2"
+
+
+def test_credentials_in_the_tracking_uri_are_never_written(
+    tiny_config: ConfigFactory,
+    policies: list[Path],
+    mlflow_server: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import json
+
+    secret = "s3cret-pw"
+    uri = mlflow_server.replace("http://", f"http://midpo:{secret}@")
+    cfg = tiny_config("name=srv-secret", f"tracking.uri={uri}")
+    fake_upstream(cfg, policies[0], reward=0.5)
+    run_stage(cfg, "promote")
+    record = promotion(cfg)
+    assert record["tracking_uri"] == mlflow_server.replace("http://", "http://***@")
+    written = {
+        "mlflow_parent.json": (cfg.run_dir / "mlflow_parent.json").read_text(),
+        "promotion.json": (cfg.run_dir / "promote" / "promotion.json").read_text(),
+        "manifest": (cfg.run_dir / "promote" / "manifest.json").read_text(),
+    }
+    client = client_for(cfg)
+    artifact = client.download_artifacts(record["promote_run_id"], "promotion.json")
+    written["promotion.json artifact"] = Path(artifact).read_text()
+    params = client.get_run(record["promote_run_id"]).data.params
+    parent = client.get_run(json.loads(written["mlflow_parent.json"])["run_id"]).data.params
+    written["params"] = json.dumps({**params, **parent})
+    out = capsys.readouterr()
+    written["terminal"] = out.out + out.err
+    for where, text in written.items():
+        assert secret not in text, where
+    assert parent["tracking.uri"] == record["tracking_uri"]
+
+
+def test_transformers_flavour_when_asked(tiny_config: ConfigFactory, policies: list[Path]) -> None:
+    import mlflow
+
+    cfg = tiny_config("name=hf-flavour", "promote.log_transformers_flavour=true")
+    fake_upstream(cfg, policies[1], reward=0.5)
+    run_stage(cfg, "promote")
+    uri = promotion(cfg)["transformers_model_uri"]
+    tracking.setup(cfg)
+    components = mlflow.transformers.load_model(uri, return_type="components")
+    assert {"model", "tokenizer"} <= set(components)
+    plain = tiny_config("name=no-hf-flavour")
+    fake_upstream(plain, policies[2], reward=0.5)
+    run_stage(plain, "promote")
+    assert "transformers_model_uri" not in promotion(plain)
