@@ -6,6 +6,7 @@ import importlib
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -46,6 +47,48 @@ def tiny_config(tmp_path: Path, cache_dir: Path) -> ConfigFactory:
         return load_config(TINY, [*base, *overrides])
 
     return make
+
+
+def random_llama(seed: int = 0, attention: str | None = None) -> Any:
+    """A 2-layer Llama with random weights (``seed``) over a 50-token vocabulary, in fp32;
+    ``attention`` picks the attention implementation (transformers' default when None)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=50,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        **({"attn_implementation": attention} if attention else {}),
+    )
+    return LlamaForCausalLM(config)
+
+
+def torchrun_job(script: Path, args: list[str], timeout: int) -> None:
+    """``script`` on two CPU ranks under torchrun (one thread each); fails the test with the
+    job's output when it fails."""
+    import subprocess
+    import sys
+
+    from pipeline.distributed import free_port
+
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    env.pop("NPROC", None)
+    env.setdefault("DS_ACCELERATOR", "cpu")
+    cmd = [
+        str(Path(sys.executable).with_name("torchrun")),
+        "--nproc_per_node=2",
+        f"--master_port={free_port()}",
+        str(script),
+        *args,
+    ]
+    done = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-5000:]
 
 
 def run_stage(cfg: RunConfig, stage: str, force: bool = False) -> None:

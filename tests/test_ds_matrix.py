@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -25,7 +23,7 @@ from pipeline import distributed, training
 from pipeline.cli import exit_cleanly
 from pipeline.config import TrainConfig, load_config
 from pipeline.runstore import RunStore
-from tests.conftest import TINY
+from tests.conftest import TINY, torchrun_job
 from tests.test_train import TRAIN_ARGS, _worker_plan, pairs_root, run_with_pairs
 
 __all__ = ["pairs_root"]  # the fixture, shared with test_train
@@ -55,21 +53,11 @@ PACKED = ("dpo_live", "tdpo_live", "sparsepo_live")  # also run packed under ZeR
 def matrix(pairs_root: dict[str, Any]) -> dict[str, Any]:
     cfg = run_with_pairs(pairs_root, "matrix")
     out = pairs_root["root"] / "matrix.json"
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    env.pop("NPROC", None)
-    env.setdefault("DS_ACCELERATOR", "cpu")
-    cmd = [
-        str(Path(sys.executable).with_name("torchrun")),
-        "--nproc_per_node=2",
-        f"--master_port={distributed.free_port()}",
-        str(Path(__file__)),
-        str(pairs_root["root"]),
-        str(pairs_root["cache"]),
-        cfg.name,
-        str(out),
-    ]
-    done = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, (done.stdout + done.stderr)[-5000:]
+    torchrun_job(
+        Path(__file__),
+        [str(pairs_root["root"]), str(pairs_root["cache"]), cfg.name, str(out)],
+        timeout=600,
+    )
     return dict(json.loads(out.read_text()))
 
 

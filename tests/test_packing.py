@@ -13,6 +13,7 @@ import torch
 
 from pipeline import training
 from pipeline.config import TrainConfig, build_objective
+from tests.conftest import random_llama
 
 DATA = training.PairData(
     pair_ids=["a", "b", "c"],
@@ -20,24 +21,6 @@ DATA = training.PairData(
     chosen=[[6, 7, 8, 9], [10, 11, 12], [3]],
     rejected=[[13, 14], [15, 16, 17, 18, 19], [20, 21, 22]],
 )
-
-
-def random_llama(seed: int, attention: str) -> Any:
-    """A 2-layer Llama with random weights over a 50-token vocabulary, in fp32."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=50,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        attn_implementation=attention,
-    )
-    return LlamaForCausalLM(config)
 
 
 def test_pack_sequences_layout() -> None:

@@ -32,7 +32,7 @@ from pipeline.cli import exit_cleanly
 from pipeline.config import ConfigError, RunConfig, build_objective, load_config
 from pipeline.data import DataError, read_rows, write_rows
 from pipeline.runstore import RunStore, StageError
-from tests.conftest import TINY, run_stage
+from tests.conftest import TINY, random_llama, run_stage, torchrun_job
 
 REPO = Path(__file__).resolve().parent.parent
 if not shutil.which("nvidia-smi"):  # as the Makefile: DeepSpeed on the CPU without a GPU
@@ -205,24 +205,6 @@ def test_load_pairs_counts_truncation_and_rejects_bad_rows(
     write_rows(path, rows)
     with pytest.raises(DataError, match=r"row 4: field 'chosen_token_ids' has -1"):
         training.load_pairs(path, max_length=64, max_prompt_length=32)
-
-
-def random_llama() -> Any:
-    """A 2-layer Llama with random weights (seed 0) over a 50-token vocabulary, in fp32."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=50,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    return LlamaForCausalLM(config)
 
 
 def test_policy_module_feeds_rmipo_the_prompt_free_mask() -> None:
@@ -617,21 +599,11 @@ def test_kill_mid_epoch_then_resume_on_two_nodes(
 def sweep(pairs_root: dict[str, Any]) -> dict[str, Any]:
     cfg = run_with_pairs(pairs_root, "sweep")
     out = pairs_root["root"] / "sweep.json"
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    env.pop("NPROC", None)
-    cmd = [
-        str(Path(sys.executable).with_name("torchrun")),
-        "--nproc_per_node=2",
-        f"--master_port={distributed.free_port()}",
-        str(Path(__file__)),
-        "sweep",
-        str(pairs_root["root"]),
-        str(pairs_root["cache"]),
-        cfg.name,
-        str(out),
-    ]
-    done = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=400)
-    assert done.returncode == 0, (done.stdout + done.stderr)[-5000:]
+    torchrun_job(
+        Path(__file__),
+        ["sweep", str(pairs_root["root"]), str(pairs_root["cache"]), cfg.name, str(out)],
+        timeout=400,
+    )
     return dict(json.loads(out.read_text()))
 
 
