@@ -25,7 +25,6 @@ from pipeline import data, plots
 from pipeline.config import RunConfig, build_objective, config_hash
 from pipeline.evaluation import ModelSamples, PairLogps, build_report
 from pipeline.generation import (
-    model_fingerprint,
     prompts_for,
     release_vllm_engine,
     sample_resumable,
@@ -79,7 +78,7 @@ def evaluate_policy(
         key = [
             store.expected_hash("evaluate"),
             str(model_dir),
-            model_fingerprint(model_dir),
+            store.fingerprint(model_dir),
             [r["prompt_id"] for r in rows],
         ]
         desc = f"sample {role} ({g.backend})"
@@ -269,7 +268,7 @@ def sequence_logps(
     ev = cfg.evaluate
     path = None
     if cache:
-        key = config_hash([str(model_dir), model_fingerprint(model_dir), ev.dtype, seqs])
+        key = config_hash([str(model_dir), RunStore(cfg).fingerprint(model_dir), ev.dtype, seqs])
         path = Path(cfg.cache_dir) / "evaluate-logps" / f"{key}.json"
         if path.is_file():
             return [float(x) for x in json.loads(path.read_text())]

@@ -96,16 +96,6 @@ def check_sampling_model(path: str | Path, allow_pickle: bool = False) -> Path:
     return check_model_folder(Path(path), allow_pickle=allow_pickle)
 
 
-def model_fingerprint(path: str | Path) -> str:
-    """Cheap identity of a model folder's contents (names, sizes, mtimes; no hashing of GBs),
-    so a re-exported model at the same path is noticed."""
-    folder = Path(path)
-    entries = sorted(
-        (f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in folder.iterdir() if f.is_file()
-    )
-    return hashlib.sha256(repr(entries).encode()).hexdigest()[:16]
-
-
 # -- prompt preparation -------------------------------------------------------------------------
 @dataclass
 class PreparedPrompts:

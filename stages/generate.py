@@ -21,7 +21,6 @@ from pipeline.cli import stage_main
 from pipeline.config import ConfigError, RunConfig
 from pipeline.generation import (
     check_sampling_model,
-    model_fingerprint,
     prompts_for,
     sample_resumable,
     samples_summary,
@@ -54,7 +53,7 @@ def run(cfg: RunConfig, store: RunStore, force: bool = False) -> None:
     model_dir = sampling_model_dir(cfg, prep)
     check_sampling_model(model_dir, cfg.model.allow_pickle_weights)
     # Same path, new weights (e.g. a re-exported policy): the fingerprint changes, sample again.
-    fingerprint = model_fingerprint(model_dir)
+    fingerprint = store.fingerprint(model_dir)
 
     with store.stage(
         "generate", inputs=["prepare"], force=force, fingerprints={"model": fingerprint}

@@ -18,7 +18,6 @@ from pathlib import Path
 from pipeline import data, pairing, tracking
 from pipeline.cli import stage_main
 from pipeline.config import RunConfig
-from pipeline.generation import model_fingerprint
 from pipeline.runstore import RunStore
 from pipeline.scoring import config_model_dir, reward_module_file, write_summary_plot
 
@@ -57,7 +56,7 @@ def run(cfg: RunConfig, store: RunStore, force: bool = False) -> None:
         base=Path(prep["model_dir"]),
     )
     # Same reference path, new weights: the fingerprint changes and the stage reruns.
-    fingerprints = {"reference": model_fingerprint(reference_dir), **input_fingerprints(cfg, store)}
+    fingerprints = {"reference": store.fingerprint(reference_dir), **input_fingerprints(cfg, store)}
     inputs = ["prepare"] if offline else ["prepare", "generate"]
     source = (
         store.stage_dir("prepare") / "preference.parquet"
