@@ -31,6 +31,7 @@ import json
 import os
 import random
 import resource
+import signal
 import subprocess
 import sys
 import tempfile
@@ -168,19 +169,29 @@ def count_parameters(model_dir: Path) -> int:
 # -- matmul peak -------------------------------------------------------------------------------
 
 
-def matmul_peak(threads: int, n: int = 2048, repeats: int = 5) -> dict[str, float]:
-    """Best GFLOP/s of an n^3 matmul in bf16 and fp32 with ``threads`` threads."""
+def matmul_peak(
+    threads: int, n: int = 2048, repeats: int = 5, device: str = "cpu"
+) -> dict[str, float]:
+    """Best GFLOP/s of an n^3 matmul in bf16 and fp32 (``threads`` threads on CPU; on a GPU
+    an 8192^3 one, timed to completion)."""
     import torch
 
     torch.set_num_threads(threads)
+    gpu = device == "cuda"
+    n = 8192 if gpu else n
     out = {}
     for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
-        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        a = torch.randn(n, n, dtype=dtype, device=device)
+        b = torch.randn(n, n, dtype=dtype, device=device)
         a @ b
         best = 0.0
         for _ in range(repeats):
+            if gpu:
+                torch.cuda.synchronize()
             t = time.perf_counter()
             a @ b
+            if gpu:
+                torch.cuda.synchronize()
             best = max(best, 2 * n**3 / (time.perf_counter() - t) / 1e9)
         out[name] = best
     return out
@@ -215,7 +226,11 @@ def ours_worker(spec: dict[str, Any]) -> None:
     pairs = spec["pairs"]
     world = ranks.world_size
     # Rows that name no setting get the stage's default ("auto", resolved by training.choose).
-    settings = {k: spec[k] for k in ("ds_config", "gradient_checkpointing", "layout") if k in spec}
+    settings = {
+        k: spec[k]
+        for k in ("ds_config", "gradient_checkpointing", "layout", "attention", "recompute_logits")
+        if k in spec
+    }
     tc = TrainConfig(
         objective="dpo",
         beta=0.1,
@@ -272,7 +287,10 @@ def ours_worker(spec: dict[str, Any]) -> None:
     )
     trainer = training.Trainer(plan, ranks)
     trainer.build()
-    result = trainer.fit()
+    if spec.get("profile"):
+        result = profiled_fit(trainer, Path(spec["out"]).with_suffix(".profile.txt"))
+    else:
+        result = trainer.fit()
     warm = result.history[spec["warmup"] :]
     rss = distributed.gather_objects(peak_rss_mb())
     if ranks.is_main:
@@ -295,6 +313,22 @@ def ours_worker(spec: dict[str, Any]) -> None:
     exit_cleanly(0)
 
 
+def profiled_fit(trainer: Any, out: Path) -> Any:
+    """trainer.fit() under torch.profiler: the 30 costliest operators (device time first) to
+    ``out``; the row's speed is then not comparable (the profiler adds its own cost)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU]
+    if torch.cuda.is_available():
+        activities.append(ProfilerActivity.CUDA)
+    with profile(activities=activities) as prof:
+        result = trainer.fit()
+    key = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+    out.write_text(prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=60))
+    return result
+
+
 def trl_worker(spec: dict[str, Any]) -> None:
     """TRL's DPOTrainer on the same texts (it tokenizes them to the same ids); under torchrun,
     DDP over gloo with the global batch and the threads split between the processes."""
@@ -312,12 +346,26 @@ def trl_worker(spec: dict[str, Any]) -> None:
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     times: list[tuple[float, float]] = []
 
+    def sync() -> None:  # a GPU runs ahead of the host: time finished work only
+        if cuda:
+            torch.cuda.synchronize()
+
     class Clock(TrainerCallback):  # type: ignore[misc]
         def on_step_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            sync()
             self.t = time.perf_counter()
 
         def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            sync()
             times.append((self.t, time.perf_counter()))
+
+    # TRL's fused log-prob kernel is Triton, which compiles with a C compiler at first use: on a
+    # machine without one, MIDPO_BENCH_TRL_TRITON=0 gives TRL its PyTorch path instead.
+    import trl.kernels.chunked_logprob as trl_kernels
+
+    if os.environ.get("MIDPO_BENCH_TRL_TRITON", "1") == "0":
+        trl_kernels._TRITON_AVAILABLE = False
+    trl_triton = bool(getattr(trl_kernels, "_TRITON_AVAILABLE", False)) and cuda
 
     with tempfile.TemporaryDirectory() as out:
         args = DPOConfig(
@@ -365,6 +413,7 @@ def trl_worker(spec: dict[str, Any]) -> None:
                     "rss_per_rank_mb": rss,
                     "peak_gpu_gib": peak_gpu_gib(),
                     "threads": torch.get_num_threads(),
+                    "trl_triton_log_probs": trl_triton,
                 }
             )
         )
@@ -401,7 +450,9 @@ def run_worker(kind: str, spec: dict[str, Any], nproc: int, extra_path: str = ""
     spec = {**spec, "out": str(out)}
     spec_file = out.with_suffix(".spec.json")
     spec_file.write_text(json.dumps(spec))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), extra_path) if p)}
+    # The repository, then TRL's folder, then what the caller had (an offline kit's site folder).
+    paths = (str(REPO), extra_path, os.environ.get("PYTHONPATH", ""))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
     if spec.get("device") != "cuda":
         env.setdefault("DS_ACCELERATOR", "cpu")
     env.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
@@ -420,13 +471,25 @@ def run_worker(kind: str, spec: dict[str, Any], nproc: int, extra_path: str = ""
     else:
         cmd = [sys.executable, __file__, "--worker", "trl", str(spec_file)]
     t = time.time()
-    done = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise SystemExit(
-            f"[bench] {kind} {spec['name']} failed:\n{(done.stdout + done.stderr)[-4000:]}"
-        )
+    # Its own process group: a row that runs past --row-timeout is killed with its ranks, so
+    # no leftover process holds the device while the next row is measured.
+    proc = subprocess.Popen(
+        cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        log, _ = proc.communicate(timeout=spec.get("row_timeout"))
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        log, _ = proc.communicate()
+        return {"failed": f"timed out after {spec['row_timeout']} s", "log": log[-3000:]}
+    if proc.returncode != 0:
+        return {"failed": f"exit {proc.returncode}", "log": log[-3000:]}
     result = dict(json.loads(out.read_text()))
     result["wall_s"] = time.time() - t
+    profile = out.with_suffix(".profile.txt")
+    if profile.is_file():
+        result["profile"] = profile.read_text()
     return result
 
 
@@ -499,20 +562,22 @@ def cpu_configs(quick: bool) -> list[Row]:
 
 
 def gpu_configs() -> list[Row]:
-    """The GPU rows of issue 14's table, one process on one GPU, bf16."""
-    bf16_live = {"precision": "bf16", "reference": "live"}
-    no_gc = {"gradient_checkpointing": False}
+    """The GPU rows of issue 14's table, one process on one GPU, bf16. "default" rows name no
+    setting: what ``train.*: auto`` picks on this device (the choice is in the JSON)."""
+    bf16 = {"precision": "bf16"}
+    live = {**bf16, "reference": "live"}
+    flex = {"attention": "flex_attention"}
     return [
-        ("trl", "TRL live ref, no checkpointing", {"precision": "bf16", **no_gc}, 1),
-        ("trl", "TRL live ref, checkpointing", {"precision": "bf16"}, 1),
-        ("ours", "ours default, live ref", bf16_live, 1),
-        ("ours", "ours default, precomputed ref", {"precision": "bf16", "reference": "auto"}, 1),
-        ("ours", "ours default, live ref, checkpointing", {**bf16_live, "gradient_checkpointing": True}, 1),
-        ("ours", "ours ZeRO-0, live ref, padded", {**bf16_live, **no_gc, "ds_config": "ds_configs/zero0.json", "layout": "padded"}, 1),
-        ("ours", "ours ZeRO-0, live ref, packed", {**bf16_live, **no_gc, "ds_config": "ds_configs/zero0.json", "layout": "packed"}, 1),
-        ("ours", "ours ZeRO-0, live ref, shared prompt", {**bf16_live, **no_gc, "ds_config": "ds_configs/zero0.json", "layout": "shared_prompt"}, 1),
-        ("ours", "ours ZeRO-2, live ref", {**bf16_live, **no_gc, "ds_config": "ds_configs/zero2.json"}, 1),
-        ("ours", "ours ZeRO-3, live ref, shared prompt", {**bf16_live, **no_gc, "ds_config": "ds_configs/zero3.json", "layout": "shared_prompt"}, 1),
+        ("trl", "TRL live ref, no checkpointing", {**bf16, "gradient_checkpointing": False}, 1),
+        ("trl", "TRL live ref, checkpointing", bf16, 1),
+        ("ours", "ours default, precomputed ref", {**bf16, "reference": "auto"}, 1),
+        ("ours", "ours default, live ref", live, 1),
+        ("ours", "profile: ours default, live ref", {**live, "profile": True}, 1),
+        ("ours", "ours live ref, flex packed", {**live, **flex, "layout": "packed"}, 1),
+        ("ours", "ours live ref, flex shared prompt", {**live, **flex, "layout": "shared_prompt"}, 1),
+        ("ours", "ours default, live ref, checkpointing", {**live, "gradient_checkpointing": True}, 1),
+        ("ours", "ours live ref, logits recomputed", {**live, "recompute_logits": True}, 1),
+        ("ours", "ours live ref, ZeRO-3 (the old default)", {**live, "ds_config": "ds_configs/zero3.json", "gradient_checkpointing": False}, 1),
     ]  # fmt: skip
 
 
@@ -540,6 +605,9 @@ def main() -> None:
     ap.add_argument("--response-range", type=int, nargs=2, default=None, metavar=("MIN", "MAX"))
     ap.add_argument("--out", type=Path, default=None, help="JSON results (default: runs/)")
     ap.add_argument("--rows", nargs="+", default=None, help="only rows whose name has one of these")
+    ap.add_argument(
+        "--row-timeout", type=float, default=None, help="seconds before a row is killed (skipped)"
+    )
     ap.add_argument(
         "--model",
         type=Path,
@@ -585,7 +653,7 @@ def main() -> None:
     )
     ref = reference_logps(model_dir, pairs, "cuda" if gpu else "cpu")
     threads = min(2, len(os.sched_getaffinity(0)))
-    peak = matmul_peak(threads)
+    peak = matmul_peak(threads, device="cuda" if gpu else "cpu")
     print(
         f"[bench] matmul peak with {threads} threads: bf16 {peak['bf16']:.0f} GFLOP/s, "
         f"fp32 {peak['fp32']:.0f} GFLOP/s",
@@ -605,6 +673,7 @@ def main() -> None:
             "tokens_per_pair": tokens_per_pair,
             "threads": threads,
             "device": a.device,
+            "row_timeout": a.row_timeout,
         }
         configs = gpu_configs() if gpu else cpu_configs(a.quick)
         if a.rows:
@@ -612,11 +681,18 @@ def main() -> None:
         # Round-robin repeats, best of each: on a shared machine a slow run says more about
         # the neighbours than about the trainer. MFU is against the peak measured just before.
         results: dict[str, dict[str, Any]] = {}
+        failed: dict[str, str] = {}
         for _ in range(a.repeats):
             for kind, name, changes, nproc in configs:
                 spec = {**base, **changes, "name": name.replace(" ", "_").replace(",", "")}
-                run_peak = matmul_peak(threads)
+                run_peak = peak if gpu else matmul_peak(threads)  # the CPU's, for CPU MFU
                 r = run_worker(kind, spec, nproc, str(site) if kind == "trl" else "")
+                if "failed" in r:
+                    failed[name] = r["failed"]
+                    print(f"  {name:32s} FAILED ({r['failed']}):\n{r['log']}", flush=True)
+                    continue
+                if "profile" in r:
+                    print(f"  {name}: operators by device time\n{r.pop('profile')}", flush=True)
                 r["tokens_per_s"] = r["tokens"] / r["seconds"]
                 r["rank_rss_mb"] = max(r.get("rss_per_rank_mb", [r["peak_rss_mb"]]))
                 live = kind == "trl" or changes.get("reference") == "live"
@@ -643,8 +719,14 @@ def main() -> None:
     out = a.out or REPO / "runs" / f"bench_train_{a.device}_{a.workload}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     args = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()}
-    out.write_text(json.dumps({"peak_gflops": peak, "results": results, "args": args}, indent=2))
+    out.write_text(
+        json.dumps(
+            {"peak_gflops": peak, "results": results, "failed": failed, "args": args}, indent=2
+        )
+    )
     print(f"[bench] results in {out}")
+    if failed:
+        raise SystemExit(f"[bench] {len(failed)} row(s) failed: {', '.join(failed)}")
 
 
 def report(results: dict[str, dict[str, Any]]) -> None:

@@ -253,6 +253,10 @@ class TrainConfig(Section):
     share_prompt: bool = True
     checkpoint_every: int = Field(50, ge=1, description="optimizer steps between checkpoints")
     token_chunk_size: int = Field(1024, ge=1)
+    # The LM head's logits of a chunk are recomputed in backward (memory O(chunk x vocab)) or kept
+    # from the forward (one head pass less per step). "auto": kept on a GPU when one micro-batch's
+    # logits fit beside the estimate, recomputed on CPU (RAM is the budget there).
+    recompute_logits: bool | Literal["auto"] = "auto"
     # The marginal prior model takes one maximum-likelihood step after every this many policy
     # steps (objective "marginal" with its prompt-free model).
     marginal_prior_every: int = Field(1, ge=1)

@@ -149,6 +149,15 @@ def test_auto_choices_follow_the_memory_estimate(pairs_root: dict[str, Any]) -> 
     assert choice(1, plenty, attention="sdpa").layout == "padded"
     assert choice(1, plenty, accelerator="cpu", layout="packed").layout == "packed"
     assert one.line.startswith("[train] ds_config=ds_configs/zero0.json ")
+    # logits: kept for backward on a GPU with room for them, recomputed on CPU or when tight
+    from pipeline.training.resources import LOGIT_BYTES
+
+    assert not one.recompute_logits and "kept for backward" in one.reason
+    assert choice(1, plenty, accelerator="cpu").recompute_logits
+    logits = size.vocab * LOGIT_BYTES * tokens
+    assert not choice(1, (full + act + logits) / 0.79).recompute_logits
+    assert choice(1, (full + act + logits) / 0.81).recompute_logits
+    assert choice(1, plenty, recompute_logits=True).recompute_logits
 
 
 def test_launch_records_the_choice_and_checks_devices(pairs_root: dict[str, Any]) -> None:

@@ -68,13 +68,15 @@ def _heads(seed: int) -> tuple[nn.Linear, nn.Linear]:
 
 
 @pytest.mark.parametrize(
-    ("chunk_size", "block_rows"), [(1, 1), (4, 1), (7, 3), (1024, 2), (1024, 0)]
-)
+    ("chunk_size", "block_rows", "recompute"),
+    [(1, 1, True), (4, 1, True), (7, 3, True), (1024, 2, True), (1024, 0, True),
+     (4, 1, False), (7, 3, False), (1024, 0, False)],
+)  # fmt: skip
 def test_values_and_gradients_equal_naive(
-    chunk_size: int, block_rows: int, monkeypatch: pytest.MonkeyPatch
+    chunk_size: int, block_rows: int, recompute: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     if block_rows:  # inside a chunk, rows are processed in blocks: exercise several
-        monkeypatch.setattr(token_stats_module, "_BLOCK_ELEMENTS", block_rows * V)
+        monkeypatch.setitem(token_stats_module._BLOCK_ELEMENTS, "cpu", block_rows * V)
     hidden, ref_hidden, labels, mask = _inputs(0)
     head, ref_head = _heads(0)
     weights = torch.randn(4, generator=torch.Generator().manual_seed(1))
@@ -98,6 +100,7 @@ def test_values_and_gradients_equal_naive(
         ref_lm_head=ref_head,
         reverse_kl=True,
         chunk_size=chunk_size,
+        recompute=recompute,
     )
     assert stats.ref_logps is not None and stats.kl is not None and stats.reverse_kl is not None
     chunked = (stats.logps, stats.ref_logps, stats.kl, stats.reverse_kl)
@@ -198,6 +201,15 @@ def test_partitioned_head_is_called_not_read_and_recomputed_in_backward() -> Non
     torch.testing.assert_close(h2.grad, h1.grad)
     grad = torch.cat([p.grad for p in sharded.shards])  # type: ignore[misc]
     torch.testing.assert_close(grad, dense.weight.grad)
+    # recompute=False keeps each chunk's logits: the head runs once per chunk, same gradients
+    kept = ShardedHead(dense.weight.detach())
+    h3 = hidden.clone().requires_grad_()
+    logps = response_token_stats(h3, labels, mask, kept, chunk_size=4, recompute=False).logps
+    logps.sum().backward()
+    assert kept.calls == n_chunks
+    torch.testing.assert_close(logps, expected)
+    torch.testing.assert_close(h3.grad, h1.grad)
+    torch.testing.assert_close(torch.cat([p.grad for p in kept.shards]), dense.weight.grad)  # type: ignore[misc]
 
 
 def test_gather_hook_wraps_every_head_call() -> None:

@@ -21,7 +21,7 @@ pins() { "$PY" -c 'import importlib.metadata as m, sys; print(" ".join(f"{n}=={m
     --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 \
     --platform manylinux_2_28_x86_64 --platform any \
     $(pins pydantic pydantic_core annotated-types typing-inspection datasets dill multiprocess \
-        hjson einops) trl==1.16.0
+        hjson einops fsspec xxhash) trl==1.16.0
 # DeepSpeed publishes only a source archive: build its pure-Python wheel (ops JIT-built there).
 DS_BUILD_OPS=0 "$PY" -m pip wheel --quiet --no-deps --no-build-isolation --wheel-dir "$KIT/wheels" "$(pins deepspeed)"
 MODEL=$("$PY" -c 'from pathlib import Path; from pipeline.models import SMOLLM2, convert_smollm2

@@ -287,7 +287,7 @@ def build_engines(plan: TrainPlan) -> Engines:
     launch = plan.launch
     lm = load_lm(plan.policy_dir, plan.dtype, True, launch.gradient_checkpointing, launch.attention)
     check_vocabulary(plan.data, int(lm.config.vocab_size))
-    module = PolicyModule(lm, objective, t.token_chunk_size)
+    module = PolicyModule(lm, objective, t.token_chunk_size, launch.recompute_logits)
     # The objective's few prior parameters are gathered together when it is called.
     set_z3_leaf_modules(module, [ObjectiveCall, *layer_classes(lm)])
     groups = policy_parameter_groups(module, objective, t)
@@ -329,7 +329,7 @@ def build_engines(plan: TrainPlan) -> Engines:
         m_lm = load_lm(
             plan.reference_dir, plan.dtype, True, launch.gradient_checkpointing, launch.attention
         )
-        m_module = PromptFreeModule(m_lm, t.token_chunk_size)
+        m_module = PromptFreeModule(m_lm, t.token_chunk_size, launch.recompute_logits)
         m_lr = t.marginal_prior_learning_rate or t.learning_rate
         m_groups = model_parameter_groups(m_module, m_lr, t.weight_decay)
         engines.marginal, *_ = deepspeed.initialize(

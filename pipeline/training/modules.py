@@ -154,16 +154,21 @@ class PromptFreeModule(nn.Module):
     prior's model (trained by maximum likelihood) and RMiPO's prompt-free policy pass.
     """
 
-    def __init__(self, lm: Any, chunk_size: int) -> None:
+    def __init__(self, lm: Any, chunk_size: int, recompute_logits: bool = True) -> None:
         super().__init__()
         self.lm = lm
         self.chunk_size = chunk_size
+        self.recompute_logits = recompute_logits
 
     def forward(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
-        return prompt_free_logps(self.lm, MicroBatch(**batch), self.chunk_size)
+        return prompt_free_logps(
+            self.lm, MicroBatch(**batch), self.chunk_size, self.recompute_logits
+        )
 
 
-def prompt_free_logps(lm: Any, batch: MicroBatch, chunk_size: int) -> tuple[Tensor, Tensor]:
+def prompt_free_logps(
+    lm: Any, batch: MicroBatch, chunk_size: int, recompute_logits: bool = True
+) -> tuple[Tensor, Tensor]:
     """(logps [2B, Tr], scored mask [2B, Tr]) of each response alone."""
     assert batch.free_ids is not None and batch.free_attention_mask is not None
     hidden = decoder(lm)(
@@ -172,7 +177,12 @@ def prompt_free_logps(lm: Any, batch: MicroBatch, chunk_size: int) -> tuple[Tens
     mask = batch.free_attention_mask.bool().clone()
     mask[:, 0] = False
     stats = response_token_stats(
-        hidden, batch.free_ids, mask, lm.get_output_embeddings(), chunk_size=chunk_size
+        hidden,
+        batch.free_ids,
+        mask,
+        lm.get_output_embeddings(),
+        chunk_size=chunk_size,
+        recompute=recompute_logits,
     )
     return stats.logps, mask
 
@@ -260,13 +270,22 @@ class PolicyModule(nn.Module):
 
     ``forward`` returns {"loss", "losses" [B], "metrics"} for one micro-batch (a dict of fields
     of ``MicroBatch``); ``mode="logps"`` returns the per-token log-probs only.
+    ``recompute_logits``: the LM head's chunks recompute their logits in backward (less memory)
+    or keep them (faster; ``train.recompute_logits``).
     """
 
-    def __init__(self, lm: Any, objective: MIDPOObjective, chunk_size: int) -> None:
+    def __init__(
+        self,
+        lm: Any,
+        objective: MIDPOObjective,
+        chunk_size: int,
+        recompute_logits: bool = True,
+    ) -> None:
         super().__init__()
         self.lm = lm
         self.objective_call = ObjectiveCall(objective)
         self.chunk_size = chunk_size
+        self.recompute_logits = recompute_logits
 
     @property
     def objective(self) -> MIDPOObjective:
@@ -299,6 +318,7 @@ class PolicyModule(nn.Module):
             kl=kl,
             reverse_kl=reverse_kl,
             chunk_size=self.chunk_size,
+            recompute=self.recompute_logits,
         )
         if mode == "logps":
             return stats.logps

@@ -8,7 +8,9 @@ weights 2 + gradients 2 + fp32 master weights 4 + two moments 8; fp32 training: 
 live frozen reference adds its weights; ZeRO-2 divides gradients and optimizer state by the world
 size, ZeRO-3 also the weights. Activations: the usual transformer estimate (Korthikanti et al.
 2022, 34·h + 5·a·s bytes per token and layer at 16 bits; 34·h with a fused attention kernel on
-a GPU), two layer inputs per token and layer with checkpointing. Explicit settings always win.
+a GPU), two layer inputs per token and layer with checkpointing. Logits kept for backward
+(``train.recompute_logits`` off): LOGIT_BYTES per response token and vocabulary entry. Explicit
+settings always win.
 """
 
 from __future__ import annotations
@@ -26,6 +28,9 @@ from pipeline.config import TrainConfig
 from pipeline.training.errors import TrainingError
 
 STATE_BYTES_PER_PARAM = 16  # AdamW: weights, gradients, master weights, two moments
+# Kept logits (model dtype, 2) + a float32 reference log-prob copy for KL objectives (4) per
+# response token and vocabulary entry.
+LOGIT_BYTES = 6
 HEADROOM = 0.8  # fraction of free memory a plan may fill (allocator fragmentation, buffers)
 DS_CONFIGS = {  # ZeRO stage -> the repository's config for it
     0: "ds_configs/zero0.json",
@@ -44,6 +49,7 @@ class LaunchChoice:
     attention: str
     layout: str
     reason: str
+    recompute_logits: bool = True
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -53,7 +59,8 @@ class LaunchChoice:
         return (
             f"[train] ds_config={self.ds_config} gradient_checkpointing="
             f"{str(self.gradient_checkpointing).lower()} attention={self.attention} "
-            f"layout={self.layout}: {self.reason}"
+            f"layout={self.layout} recompute_logits={str(self.recompute_logits).lower()}: "
+            f"{self.reason}"
         )
 
 
@@ -65,6 +72,7 @@ class ModelSize:
     hidden: int
     layers: int
     heads: int
+    vocab: int = 32000
 
     @classmethod
     def of(cls, folder: Path) -> ModelSize:
@@ -73,7 +81,8 @@ class ModelSize:
         hidden = int(text.get("hidden_size") or 1024)
         layers = int(text.get("num_hidden_layers") or 1)
         heads = int(text.get("num_attention_heads") or 1)
-        return cls(count_parameters(folder, text, hidden, layers), hidden, layers, heads)
+        vocab = int(text.get("vocab_size") or 32000)
+        return cls(count_parameters(folder, text, hidden, layers), hidden, layers, heads, vocab)
 
 
 def count_parameters(folder: Path, text: dict[str, Any], hidden: int, layers: int) -> int:
@@ -226,7 +235,31 @@ def choose(
         )
     layout, why_layout = choose_layout(train, accelerator, attention)
     reasons.append(why_layout)
-    return LaunchChoice(ds_config, checkpointing, attention, layout, "; ".join(reasons))
+    kept = activation_bytes(size, tokens, max_length, checkpointing, fused_attention=fused)
+    recompute, why_logits = choose_recompute_logits(
+        train, accelerator, size.vocab * LOGIT_BYTES * tokens, states + kept, free
+    )
+    reasons.append(why_logits)
+    return LaunchChoice(ds_config, checkpointing, attention, layout, "; ".join(reasons), recompute)
+
+
+def choose_recompute_logits(
+    train: TrainConfig, accelerator: str, logits: float, other: float, free: float
+) -> tuple[bool, str]:
+    """Whether the LM head recomputes its logits in backward, and why. On CPU RAM is what the
+    defaults save (docs/training.md, the CPU table); on a GPU a second head pass per step costs
+    more than the memory it saves whenever one micro-batch's logits (``logits`` bytes at most)
+    fit beside ``other`` (states and activations)."""
+    if train.recompute_logits != "auto":
+        return bool(train.recompute_logits), "recompute_logits set"
+    if accelerator == "cpu":
+        return True, "CPU: logits recomputed in backward (less RAM)"
+    fits = other + logits <= HEADROOM * free
+    gib = 2.0**30
+    return (not fits), (
+        f"logits ~{logits / gib:.2f} GiB {'fit' if fits else 'do not fit'}: "
+        f"{'kept for' if fits else 'recomputed in'} backward"
+    )
 
 
 def settings_choice(train: TrainConfig) -> LaunchChoice:
@@ -236,7 +269,8 @@ def settings_choice(train: TrainConfig) -> LaunchChoice:
     layout, _ = choose_layout(train, "cpu", attention)
     ds_config = DS_CONFIGS[0] if train.ds_config == "auto" else train.ds_config
     checkpointing = train.gradient_checkpointing is True
-    return LaunchChoice(ds_config, checkpointing, attention, layout, "settings as given")
+    recompute = train.recompute_logits is not False
+    return LaunchChoice(ds_config, checkpointing, attention, layout, "settings as given", recompute)
 
 
 def choose_stage(
