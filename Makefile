@@ -34,15 +34,18 @@ STAGE_FLAGS = --config $(CONFIG) $(if $(FORCE),--force) $(ARGS)
 .PHONY: setup pipeline prepare generate score train evaluate promote test check lint \
         mlflow-ui bench clean help
 .PHONY: submit cluster-status slurm-up slurm-down
-.PHONY: iterate frontier
+.PHONY: iterate frontier study study-report
 .PHONY: gpu-kit
 
 help:
 	@echo "make pipeline       run prepare -> generate -> score -> train -> evaluate -> promote"
 	@echo "make <stage>        one stage: prepare generate score train evaluate promote"
 	@echo "                    (CONFIG=configs/demo.yaml ARGS='key=value ...' FORCE=1)"
+	@echo "                    MIDPO_VERBOSE=1: all output on the terminal, not in runs/<run>/<stage>/stage.log"
 	@echo "make iterate        ROUNDS=n rounds of generate -> score -> train, each on the last policy"
 	@echo "make frontier       reward-KL frontier across objectives and strengths (POINTS='dpo:0.05,0.1 simpo:2')"
+	@echo "make study          every objective, offline and online, seeds; docs/study.md (STUDY_POINTS='dpo simpo')"
+	@echo "make study-report   regenerate docs/study.md and its figures from docs/study/*.json"
 	@echo "make mlflow-ui      the MLflow UI on 127.0.0.1:\$$PORT (5000) over runs/mlflow.db"
 	@echo "make setup          create .venv and install pinned dependencies (other targets run it)"
 	@echo "make test           run the test suite (PYTEST_ARGS=...)"
@@ -83,6 +86,15 @@ ROUNDS ?= 2
 frontier: setup
 	$(BIN)/python -m stages.frontier $(STAGE_FLAGS) $(if $(POINTS),--points "$(POINTS)")
 
+# The study has its own preset (configs/study.yaml) unless CONFIG is given; STUDY_POINTS picks
+# objectives (docs/study.md).
+STUDY_CONFIG = $(if $(filter command line environment,$(origin CONFIG)),$(CONFIG),configs/study.yaml)
+study: setup
+	$(BIN)/python -m stages.study --config $(STUDY_CONFIG) $(if $(FORCE),--force) $(ARGS)
+
+study-report: setup
+	$(BIN)/python -m stages.study --report --config $(STUDY_CONFIG) $(ARGS)
+
 iterate: setup
 	ROUNDS=$(ROUNDS) $(BIN)/python -m stages.iterate $(STAGE_FLAGS)
 
@@ -96,8 +108,9 @@ lint: setup
 
 check: lint test
 
+# A run store moved or copied from elsewhere is first repointed at its artifacts (stages/mlflow_ui.py).
 mlflow-ui: setup
-	$(BIN)/mlflow ui --host 127.0.0.1 --port $${PORT:-5000} \
+	$(BIN)/python -m stages.mlflow_ui --port $${PORT:-5000} \
 	  --backend-store-uri $${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/runs/mlflow.db}
 
 # SLURM (docs/cluster.md): the chain as dependent jobs, resources from the config's cluster:

@@ -7,6 +7,7 @@ line. The ``midpo`` dispatcher over the stages lives in ``stages/cli.py``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import os
 import re
@@ -15,10 +16,12 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
-from typing import Any, NoReturn
+from typing import NoReturn
 
+from pipeline import console as console_mod
 from pipeline import tracking
-from pipeline.config import ConfigError, RunConfig, clip, load_config
+from pipeline.config import STAGES, ConfigError, RunConfig, clip, load_config
+from pipeline.console import LineProgress, console
 from pipeline.runstore import RunStore, StageError
 
 DEFAULT_CONFIG = "configs/demo.yaml"
@@ -136,6 +139,12 @@ def stage_parser(prog: str, stage: str | None = None) -> argparse.ArgumentParser
     )
     p.add_argument("--force", action="store_true", help="rerun even if outputs are up to date")
     p.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help=f"all output on the terminal, no stage log (or {console_mod.VERBOSE_ENV}=1)",
+    )
+    p.add_argument(
         "overrides",
         nargs="*",
         metavar="key.sub=value",
@@ -166,37 +175,33 @@ def ended_early(e: SystemExit | KeyboardInterrupt) -> bool:
     return isinstance(e, KeyboardInterrupt) or not e.code
 
 
-# When stderr is a file (a log, a SLURM .out), a progress bar's redraws ("\r" + bar, many a
-# second) would make one line of thousands of characters: redraw at most this often, each as
-# its own line. tqdm reads TQDM_MININTERVAL; child processes (ranks) inherit it.
+# When the terminal is a file (a log, a SLURM .out), a progress bar's redraws ("\r" + bar, many
+# a second) would make one line of thousands of characters: redraw at most this often, each as
+# its own line (LineProgress). tqdm reads TQDM_MININTERVAL; child processes (ranks) inherit it.
 PROGRESS_LINE_EVERY_S = 30
 
 
-class LineProgress:
-    """A text stream that turns carriage-return redraws into lines."""
-
-    def __init__(self, stream: Any) -> None:
-        self.stream = stream
-        self.at_line_start = True
-
-    def write(self, text: str) -> int:
-        if text.startswith("\r") and self.at_line_start:
-            text = text[1:]
-        text = text.replace("\r", "\n")
-        if text:
-            self.at_line_start = text.endswith("\n")
-        return int(self.stream.write(text))
-
-    def __getattr__(self, name: str) -> Any:  # flush, fileno, isatty, encoding ...
-        return getattr(self.stream, name)
-
-
 def progress_as_lines() -> None:
-    """Progress bars as a line every PROGRESS_LINE_EVERY_S seconds when stderr is no terminal."""
-    if sys.stderr.isatty() or isinstance(sys.stderr, LineProgress):
-        return
-    os.environ.setdefault("TQDM_MININTERVAL", str(PROGRESS_LINE_EVERY_S))
-    sys.stderr = LineProgress(sys.stderr)
+    """Progress bars as a line every PROGRESS_LINE_EVERY_S seconds when the console is no
+    terminal; stderr that is no terminal gets lines instead of carriage returns."""
+    if not console.isatty():  # (not stderr: in a rank of a quiet stage, stderr is the log)
+        os.environ.setdefault("TQDM_MININTERVAL", str(PROGRESS_LINE_EVERY_S))
+    if not sys.stderr.isatty() and not isinstance(sys.stderr, LineProgress):
+        sys.stderr = LineProgress(sys.stderr)
+
+
+def command_line() -> None:
+    """A command-line entry point runs (``python -m stages.<x>``, ``midpo``): progress as
+    lines where there is no terminal, and each stage's third-party output in its log."""
+    progress_as_lines()
+    console_mod.from_command_line()
+
+
+def _started_as_stage_module() -> bool:
+    """``python -m stages.<x>`` (frontier's main passes on the arguments it did not use, so
+    ``argv`` alone does not tell)."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    return spec is not None and str(spec.name).startswith("stages.")
 
 
 # However large the bad input (a 50 MB row quoted back, a huge config value), an error stays
@@ -211,19 +216,28 @@ def stage_main(stage: str, run: StageFn, argv: list[str] | None = None) -> None:
     errors = _known_errors()
     cfg = None
     tracking.mark_started(stage)
-    if argv is None:  # a command line (not a call from Python, e.g. a test's)
-        progress_as_lines()
+    if args.verbose:
+        os.environ[console_mod.VERBOSE_ENV] = "1"
+    if argv is None or _started_as_stage_module():  # not a call from Python (e.g. a test's)
+        command_line()
     try:
         cfg = load_config(args.config, args.overrides)
+        # A chain (pipeline, iterate, frontier) logs each of its stages in run_stages.
+        output = (
+            console_mod.stage_output(cfg.run_dir, stage)
+            if stage in STAGES
+            else contextlib.nullcontext()
+        )
         try:
-            run(cfg, RunStore(cfg), args.force)
+            with output:
+                run(cfg, RunStore(cfg), args.force)
         except (SystemExit, KeyboardInterrupt) as e:
             if not ended_early(e):
                 raise
             raise early_exit(stage, e) from None
     except errors as e:
         message = clip(_with_command(str(e), args), MAX_ERROR_CHARS)
-        print(f"midpo {stage}: error: {message}", file=sys.stderr)
+        print(f"midpo {stage}: error: {message}", file=console)
         sys.exit(2)
     except Exception as e:
         code = _disk_errno(e)
@@ -231,7 +245,7 @@ def stage_main(stage: str, run: StageFn, argv: list[str] | None = None) -> None:
             raise
         # What the stage had written is gone already: RunStore removes its .<stage>.partial
         # folder and models build in a temp folder removed on failure.
-        print(_disk_error_line(stage, e, code, cfg), file=sys.stderr)
+        print(_disk_error_line(stage, e, code, cfg), file=console)
         sys.exit(2)
     if argv is None:  # a command-line run (not a call from Python): the process ends here
         exit_cleanly(0)

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import STAGES, ConfigError, RunConfig, load_config
+from pipeline.console import console
 from pipeline.runstore import RunStore, atomic_write_json
 
 REPO = Path(__file__).resolve().parent.parent
@@ -378,9 +379,7 @@ def submit_chain(
         job_id = out.stdout.strip().split(";")[0]
         jobs.append(Job(s, job_id, log.replace("%j", job_id), cmd))
         if echo:
-            print(
-                f"[submit] {s}: job {job_id} ({res.describe()}) -> {jobs[-1].log}", file=sys.stderr
-            )
+            print(f"[submit] {s}: job {job_id} ({res.describe()}) -> {jobs[-1].log}", file=console)
     sub = Submission(
         run=cfg.name,
         created=stamp,
@@ -527,7 +526,7 @@ def wait_chain(
                     extra = f" (restart {info.restarts})" if info.restarts else ""
                     print(
                         f"[cluster] {job.stage} (job {job.job_id}): {info.state}{extra}",
-                        file=sys.stderr,
+                        file=console,
                     )
         report = _failure(sub, rows)
         if report is not None:

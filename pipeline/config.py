@@ -83,9 +83,13 @@ class ModelConfig(Section):
 
 class DataConfig(Section):
     # vader-sentiment: the built-in controlled-sentiment task (human-rated movie-review
-    # snippets); prompts: a user prompt-only dataset; preference: a user preference dataset
-    # (TRL formats) taken straight to pairs, skipping generation.
-    task: Literal["vader-sentiment", "prompts", "preference"] = "vader-sentiment"
+    # snippets); vader-preference: pairs of those snippets themselves, the more positive one
+    # preferred (train split -> training pairs, test split -> held-out pairs), no generation;
+    # prompts: a user prompt-only dataset; preference: a user preference dataset (TRL formats)
+    # taken straight to pairs, skipping generation.
+    task: Literal["vader-sentiment", "vader-preference", "prompts", "preference"] = (
+        "vader-sentiment"
+    )
     path: str | None = None
     eval_path: str | None = None
     drop_bad_rows: bool = False
@@ -96,7 +100,15 @@ class DataConfig(Section):
     num_test_prompts: int = Field(64, ge=1)
     human_pair_min_gap: float = Field(1.0, gt=0, le=8, description="rating gap on the -4..4 scale")
     num_human_pairs: int = Field(256, ge=0)
+    num_train_pairs: int = Field(
+        256, ge=1, description="training pairs of snippets (task vader-preference)"
+    )
     split_seed: int = 0
+
+    @property
+    def pairs_from_data(self) -> bool:
+        """The pairs come straight from prepare's preference.parquet: no generation."""
+        return self.task in ("preference", "vader-preference")
 
     @model_validator(mode="after")
     def _path_when_needed(self) -> DataConfig:
@@ -394,6 +406,93 @@ class ClusterConfig(Section):
         return self
 
 
+# The study's default points (docs/study.md): every prior of the MI-DPO family at its preset
+# defaults, and the learnable prior started at DPO. DICE is not a point of its own: in one round
+# its loss is DPO's; what differs is the data loop of `make iterate`.
+STUDY_OBJECTIVES = (
+    "dpo",
+    "centropy",
+    "simpo",
+    "rdpo",
+    "tdpo",
+    "tisdpo",
+    "sparsepo",
+    "rmipo",
+    "learnable",
+)
+
+
+StudyTrack = Literal["offline", "online"]
+STUDY_TRACKS: tuple[StudyTrack, ...] = ("offline", "online")
+
+
+class StudyConfig(Section):
+    """`make study`: every objective on the same model, data and budget (docs/study.md)."""
+
+    objectives: list[str] = Field(
+        default_factory=lambda: list(STUDY_OBJECTIVES),
+        description="objectives, each at its preset defaults (learnable starts at DPO)",
+    )
+    objective_args: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="per objective, hyper-parameters over its preset defaults",
+    )
+    seeds: list[int] = Field(
+        default_factory=lambda: [0], min_length=1, description="train.seed of each point"
+    )
+    online_seeds: list[int] | None = Field(
+        None, min_length=1, description="the online track's seeds (default: seeds)"
+    )
+    tracks: list[StudyTrack] = Field(
+        default_factory=lambda: list(STUDY_TRACKS),
+        min_length=1,
+        description="offline: human pairs, no generation; online: the controlled-sentiment task",
+    )
+    online: dict[str, Any] = Field(
+        default_factory=dict,
+        description="dotted overrides giving the online track's base config (data.task ...)",
+    )
+    publish_dir: str = Field(
+        "docs/study", description="point JSONs and figures; the report is ../study.md"
+    )
+
+    @field_validator("objectives")
+    @classmethod
+    def _known_objectives(cls, v: list[str]) -> list[str]:
+        from pipeline.objectives import available_objectives
+
+        if not v:
+            raise ValueError("no objectives")
+        for name in v:
+            if name == "dice":
+                raise ValueError(
+                    "dice: in one round DICE's loss is DPO's (its difference is the data loop "
+                    "of `make iterate`); use dpo"
+                )
+            if name not in available_objectives():
+                raise ValueError(
+                    f"unknown objective {name!r}; expected some of "
+                    f"{', '.join(available_objectives())}"
+                )
+        if len(set(v)) != len(v):
+            raise ValueError(f"an objective is listed twice: {v}")
+        return v
+
+    @field_validator("seeds", "online_seeds")
+    @classmethod
+    def _distinct_seeds(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and len(set(v)) != len(v):
+            raise ValueError(f"a seed is listed twice: {v}")
+        return v
+
+    @field_validator("tracks")
+    @classmethod
+    def _distinct_tracks(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"a track is listed twice: {v}")
+        return v
+
+
 class RunConfig(Section):
     name: str = Field("demo", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
     root: str = "runs"
@@ -411,6 +510,7 @@ class RunConfig(Section):
     promote: PromoteConfig = PromoteConfig()
     tracking: TrackingConfig = TrackingConfig()
     cluster: ClusterConfig | None = None
+    study: StudyConfig = StudyConfig()
 
     # Set by load_config, not by the YAML: where this config came from (for messages).
     source: str | None = Field(None, exclude=True)

@@ -3,7 +3,8 @@
 Built-in task: movie-review snippets from the vaderSentiment 3.3.2 sdist, each with the mean of
 about 20 human ratings on -4..+4 (Hutto & Gilbert, ICWSM 2014; MIT). Prompts are a snippet's
 opening words; held-out human preference pairs are two snippets whose mean ratings differ
-clearly, the more positive one preferred.
+clearly, the more positive one preferred. Task vader-preference trains on such pairs from the
+train split (``training_pairs``), no generation.
 
 User datasets: JSONL, Parquet or a saved HF dataset, in TRL's preference formats (standard
 ``prompt``/``chosen``/``rejected`` strings; conversational message lists; prompt-only for
@@ -20,6 +21,8 @@ import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from pipeline.console import console
 
 VADER_SDIST = "vaderSentiment-3.3.2.tar.gz"
 _INNER_TAR = "vaderSentiment-3.3.2/additional_resources/hutto_ICWSM_2014.tar.gz"
@@ -157,6 +160,17 @@ def human_pairs(
             }
         )
     return rows
+
+
+def training_pairs(
+    splits: dict[str, list[Snippet]], min_gap: float, limit: int, seed: int
+) -> list[dict[str, Any]]:
+    """Training pairs for task vader-preference: :func:`human_pairs` of the train split, from
+    which a snippet whose text is also in the test split (the held-out pairs' pool; the corpus
+    repeats a text under two ids) is left out, so no held-out text is ever trained on."""
+    held_out = {s.text for s in splits["test"]}
+    pool = [s for s in splits["train"] if s.text not in held_out]
+    return [{**row, "prompt_id": row["pair_id"]} for row in human_pairs(pool, min_gap, limit, seed)]
 
 
 # -- user datasets ----------------------------------------------------------------------------
@@ -366,7 +380,7 @@ def validate_rows(
     if bad:
         print(
             f"[data] dropped {len(bad)} bad row(s) of {len(records)} in {source}; first: {bad[0]}",
-            file=sys.stderr,
+            file=console,
         )
     if not good:
         raise DataError(f"{source}: no usable rows ({len(records)} read, {len(bad)} bad)")

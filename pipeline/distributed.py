@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import ConfigError
+from pipeline.console import console
 
 LAUNCHERS = ("deepspeed", "torchrun")
 DEFAULT_MULTI_NODE_PORT = 29500
@@ -289,7 +290,7 @@ def launch(module: str, args: list[str], plan: LaunchPlan) -> int:
     where = f"{plan.nnodes} node(s) x {plan.nproc} process(es)"
     if plan.nnodes > 1 or plan.hostfile:
         where += f", node {plan.node_rank}, master {plan.master_addr}:{plan.master_port}"
-    print(f"[launch] {plan.launcher}: {where}", file=sys.stderr, flush=True)
+    print(f"[launch] {plan.launcher}: {where}", file=console, flush=True)
     with single_node_rendezvous(plan, env):
         return run_launcher(cmd, env)
 

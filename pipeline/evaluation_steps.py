@@ -33,7 +33,7 @@ from pipeline.generation import (
 from pipeline.models import load_tokenizer
 from pipeline.pairing import text_pairs
 from pipeline.reference import TransformersLogprobs
-from pipeline.runstore import RunStore, StageError, atomic_write_json
+from pipeline.runstore import RunStore, StageError, atomic_write_json, json_safe
 from pipeline.scoring import ScoringError, describe_errors, scorer_for
 
 Sequences = list[tuple[list[int], list[int]]]
@@ -174,7 +174,7 @@ def write_outputs(folder: Path, result: Evaluation, metrics_file: Path) -> list[
     )
     (folder / "summary.txt").write_text(summary_text(result.report) + "\n")
     (folder / "report.json").write_text(
-        json.dumps(_finite(result.report), indent=2, sort_keys=True, default=str) + "\n"
+        json.dumps(json_safe(result.report), indent=2, sort_keys=True, default=str) + "\n"
     )
     return plot_files
 
@@ -463,14 +463,3 @@ def summary_text(report: dict[str, Any]) -> str:
             "likelihood displacement)"
         )
     return "\n".join(lines)
-
-
-def _finite(v: Any) -> Any:
-    """NaN/inf -> None, so report.json is strict JSON."""
-    if isinstance(v, dict):
-        return {k: _finite(x) for k, x in v.items()}
-    if isinstance(v, list | tuple):
-        return [_finite(x) for x in v]
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    return v

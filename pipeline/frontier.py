@@ -1,17 +1,21 @@
 """The reward-KL frontier's points and outputs: parse ``--points``, a point's row from its
 evaluate report, and the figure, JSON, CSV and table of all points (``stages/frontier.py`` runs
-them)."""
+them); ``share_outputs`` starts a point run (a frontier or study point) from its base run's
+outputs."""
 
 from __future__ import annotations
 
 import csv
 import io
+import os
+import shutil
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from pipeline import plots
 from pipeline.config import ConfigError
-from pipeline.runstore import atomic_write_bytes, atomic_write_json
+from pipeline.runstore import RunStore, atomic_write_bytes, atomic_write_json
 
 
 def parse_points(text: str) -> dict[str, list[float]]:
@@ -38,6 +42,25 @@ def parse_points(text: str) -> dict[str, list[float]]:
     if not points:
         raise ConfigError("--points: no points given")
     return points
+
+
+def share_outputs(base: RunStore, point: RunStore, stages: Sequence[str]) -> None:
+    """Copy the base run's outputs of ``stages`` into a point run (atomically, once). A stage is
+    shared only where the point's config for it is the base's: score, for one, differs where
+    the objective reads token weights (TIS-DPO), and such a point runs its own."""
+    for stage in stages:
+        src = base.require(stage)
+        if point.expected_hash(stage) != src["config_hash"]:
+            continue  # this point's stage differs: it runs its own
+        have = point.complete_manifest(stage)
+        if have is not None and have.get("output_hash") == src["output_hash"]:
+            continue
+        dest = point.stage_dir(stage)
+        tmp = dest.with_name(f".{stage}.copy-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(base.stage_dir(stage), tmp)
+        shutil.rmtree(dest, ignore_errors=True)
+        os.replace(tmp, dest)
 
 
 def point_row(objective: str, beta: float, run: str, report: dict[str, Any]) -> dict[str, Any]:

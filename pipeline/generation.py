@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from pipeline.config import RunConfig, clip, config_hash
+from pipeline.console import console
 from pipeline.data import DataError, read_rows, write_rows
 from pipeline.models import ModelError, check_model_folder, load_causal_lm, load_tokenizer
 from pipeline.records import SampleRecord
@@ -375,7 +376,7 @@ def vllm_engine(
     os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
     from vllm import LLM
 
-    print(f"[vllm] starting engine for {model_dir} (dtype {dtype})", file=sys.stderr)
+    print(f"[vllm] starting engine for {model_dir} (dtype {dtype})", file=console)
     llm = LLM(**kwargs)
     _ENGINE.update(key=key, llm=llm)
     return llm
@@ -560,7 +561,7 @@ class ChunkStore:
         except Exception as e:  # pyarrow's errors (ArrowInvalid, OSError) share no base class
             print(
                 f"[generate] discarding unreadable chunk {path} ({clip(str(e), 200)})",
-                file=sys.stderr,
+                file=console,
             )
             path.unlink(missing_ok=True)
             return None
@@ -604,7 +605,7 @@ def sample_resumable(
 
         sampler = sampler_for(cfg, model_dir)
         speed = Throughput()  # sampling only, not the model's start-up
-        bar = tqdm(total=len(rows), unit="prompt", desc=desc)
+        bar = tqdm(total=len(rows), unit="prompt", desc=desc, file=console)
         for done, tokens in generate_rows(
             sampler,
             tokenizer,
@@ -616,8 +617,8 @@ def sample_resumable(
             chunks.load,
             chunks.save,
         ):
+            bar.set_postfix(tok_s=f"{speed.add(tokens):.1f}", refresh=False)
             bar.update(done)
-            bar.set_postfix(tok_s=f"{speed.add(tokens):.1f}")
         bar.close()
         del sampler
         gc.collect()

@@ -261,7 +261,7 @@ def score_pairs(cfg: RunConfig, tokenizer: Any, models: ScoreModels, source: Pat
     """Pairs with reference log-probs (and TIS-DPO weights when the objective reads them) from
     ``source``: generate's samples.parquet, or in offline mode prepare's preference.parquet."""
     logprobs = LogprobModels(cfg)
-    if cfg.data.task == "preference":
+    if cfg.data.pairs_from_data:
         pairs, stats = text_pairs(
             data.read_rows(source), tokenizer, cfg, "offline", str(source), stage="score"
         )

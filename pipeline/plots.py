@@ -139,3 +139,64 @@ def training_curves(
         ax.axis("off")
     fig.suptitle("Training curves")
     return _save(fig, path)
+
+
+def intervals_by_group(
+    items: Sequence[Mapping[str, Any]],
+    path: Path,
+    title: str,
+    ylabel: str,
+    reference: float | None = None,
+) -> Path:
+    """Values with intervals side by side per group (e.g. one accuracy per seed for each
+    objective); items: {group, label, value, low, high}. ``reference``: a dashed level line."""
+    groups: list[str] = []
+    for it in items:
+        if str(it["group"]) not in groups:
+            groups.append(str(it["group"]))
+    fig, ax = plt.subplots(figsize=(max(6.4, 0.8 * len(groups) + 2), 4.4))
+    for gi, group in enumerate(groups):
+        members = [it for it in items if str(it["group"]) == group]
+        for mi, it in enumerate(members):
+            x = gi + (mi - (len(members) - 1) / 2) * 0.15  # seeds side by side
+            ax.errorbar(
+                [x],
+                [it["value"]],
+                yerr=[[it["value"] - it["low"]], [it["high"] - it["value"]]],
+                marker="o",
+                capsize=3,
+                color=f"C{gi % 10}",
+            )
+            ax.annotate(str(it["label"]), (x, it["high"]), ha="center", va="bottom", fontsize=6)
+    if reference is not None:
+        ax.axhline(reference, color="grey", linestyle="--", linewidth=1)
+    ax.set_xticks(range(len(groups)))
+    ax.set_xticklabels(groups, rotation=30, ha="right")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3, axis="y")
+    return _save(fig, path)
+
+
+def line_panels(
+    panels: Sequence[tuple[str, str, Mapping[str, tuple[Sequence[float], Sequence[float]]]]],
+    path: Path,
+    title: str,
+    zero_line: Sequence[bool] = (),
+) -> Path:
+    """Side-by-side panels of labelled curves: (panel title, y label, {label: (xs, ys)});
+    ``zero_line[i]`` draws y = 0 on panel i (a difference curve)."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.0), squeeze=False)
+    for i, (ax, (name, ylabel, curves)) in enumerate(zip(axes.flat, panels, strict=True)):
+        for label, (xs, ys) in curves.items():
+            ax.plot(list(xs), list(ys), label=label, linewidth=1.2)
+        if i < len(zero_line) and zero_line[i]:
+            ax.axhline(0.0, color="grey", linestyle="--", linewidth=1)
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        if curves:
+            ax.legend(fontsize=7)
+    fig.suptitle(title)
+    return _save(fig, path)

@@ -32,7 +32,6 @@ import fcntl
 import hashlib
 import json
 import os
-import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -41,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import GateConfig, RunConfig
+from pipeline.console import console
 from pipeline.runstore import StageError
 
 CHAMPION = "champion"
@@ -169,6 +169,7 @@ def registry_lock(path: Path, timeout_s: float) -> Iterator[None]:
                     print(
                         f"[promote] waiting for the registry lock {path} "
                         f"(held by {_lock_holder(path)})",
+                        file=console,
                         flush=True,
                     )
                     announced = True
@@ -510,7 +511,7 @@ def resolve_baseline(cfg: RunConfig, reference_dir: Path) -> dict[str, Any]:
         print(
             f"[evaluate] registered model {name!r} has no champion yet: the baseline is the "
             "reference",
-            file=sys.stderr,
+            file=console,
         )
         return {**reference, "note": f"no champion in {name!r}; fell back to the reference"}
     version = str(champion.version)

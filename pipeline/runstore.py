@@ -12,15 +12,16 @@ import contextlib
 import datetime as _dt
 import hashlib
 import json
+import math
 import os
 import shutil
 import subprocess
-import sys
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from pipeline.config import RunConfig, config_hash, stage_config
+from pipeline.console import console
 
 MANIFEST = "manifest.json"
 
@@ -41,6 +42,17 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def json_safe(v: Any) -> Any:
+    """NaN/inf -> None, in nested dicts and lists: files others parse are strict JSON."""
+    if isinstance(v, dict):
+        return {k: json_safe(x) for k, x in v.items()}
+    if isinstance(v, list | tuple):
+        return [json_safe(x) for x in v]
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
@@ -210,7 +222,7 @@ class RunStore:
         print(
             f"[{stage}] up to date in {self.stage_dir(stage)} (config and inputs unchanged); "
             "skipping. Use --force to rerun.",
-            file=sys.stderr,
+            file=console,
         )
 
     # -- writing ---------------------------------------------------------------------------

@@ -27,7 +27,6 @@ import importlib
 import importlib.util
 import inspect
 import math
-import sys
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -37,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from pipeline.config import RunConfig, reward_function_problem
+from pipeline.console import console
 from pipeline.generation import live_vllm_engine, release_vllm_engine, resolve_device, vllm_for
 from pipeline.models import ModelError, check_model_folder, load_tokenizer, render_prompt
 from pipeline.runstore import StageError
@@ -117,7 +117,7 @@ def call_reward_function(
 
     rewards = np.full(len(responses), np.nan)
     errors: dict[int, str] = {}
-    for b in tqdm(range(0, len(responses), batch_size), desc=desc, unit="batch"):
+    for b in tqdm(range(0, len(responses), batch_size), desc=desc, unit="batch", file=console):
         rows = range(b, min(b + batch_size, len(responses)))
         try:
             values = _check_rewards(
@@ -471,7 +471,7 @@ def describe_errors(errors: dict[int, str], where: Callable[[int], str], limit: 
 
 def warn(stage: str, message: str) -> None:
     """A warning on stderr, labelled with the stage that gives it."""
-    print(f"[{stage}] {message}", file=sys.stderr)
+    print(f"[{stage}] {message}", file=console)
 
 
 def config_model_dir(

@@ -18,7 +18,7 @@ import json
 import os
 import re
 import socket
-import sys
+import sqlite3
 import time
 import urllib.parse
 import warnings
@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import RunConfig
+from pipeline.console import console
 from pipeline.runstore import atomic_write_json
 
 PARENT_FILE = "mlflow_parent.json"
@@ -134,6 +135,80 @@ def _create_sqlite_store(db: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def _uri_path(uri: str) -> str:
+    """A ``file:`` URI as the path it names (for messages)."""
+    parsed = urllib.parse.urlsplit(uri)
+    return urllib.parse.unquote(parsed.path) if parsed.scheme == "file" else uri
+
+
+def relocate_store(db: Path, artifact_root_uri: str) -> int:
+    """Repoint a moved or copied sqlite store at its new artifact root; return how many stored
+    values changed (0 when nothing moved).
+
+    The store records absolute ``file:`` URIs (experiments' artifact locations, runs' artifact
+    URIs, logged models', model versions' sources and storage locations), so a run store moved
+    to another folder or machine would look for its artifacts, and log new ones, at the old
+    path. The root it was written with is read from our experiments, whose artifact location is
+    ``<root>/<experiment name>`` with the root ending in ``/mlartifacts``. Every text value of
+    every table that starts with an old root is rewritten (a generic prefix match, so columns a
+    newer MLflow adds are covered too), in one transaction: on an error nothing changes.
+    Callers pass only a sqlite store whose artifacts live at ``artifact_root_uri``."""
+    new = artifact_root_uri.rstrip("/")
+    if not db.is_file():
+        return 0
+
+    def old_roots(con: sqlite3.Connection) -> list[str]:
+        # No experiments table: not (yet) an MLflow store; nothing to repoint.
+        if not con.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'experiments'"
+        ).fetchone():
+            return []
+        roots = set()
+        for name, location in con.execute("SELECT name, artifact_location FROM experiments"):
+            suffix = "/" + str(name)
+            if isinstance(location, str) and location.endswith(suffix):
+                root = location[: -len(suffix)]
+                if root.startswith("file:") and root.endswith("/mlartifacts") and root != new:
+                    roots.add(root)
+        return sorted(roots)
+
+    con = sqlite3.connect(db, timeout=60, isolation_level=None)  # transactions by hand
+    try:
+        if not old_roots(con):  # the common case, read-only: nothing moved
+            return 0
+        # Read again under the write lock: a concurrent stage may have relocated meanwhile.
+        con.execute("BEGIN IMMEDIATE")
+        try:
+            roots = old_roots(con)
+            changed = 0
+            tables = "SELECT name FROM sqlite_master WHERE type = 'table'"
+            for (table,) in con.execute(tables).fetchall():
+                for column in [c[1] for c in con.execute(f'PRAGMA table_info("{table}")')]:
+                    for old in roots:
+                        # substr, not LIKE: LIKE is case-insensitive and treats _ and % as
+                        # wildcards.
+                        changed += con.execute(
+                            f'UPDATE "{table}" SET "{column}" = ? || substr("{column}", ?) '
+                            f'WHERE typeof("{column}") = \'text\' AND ("{column}" = ? OR '
+                            f'substr("{column}", 1, ?) = ?)',
+                            (new, len(old) + 1, old, len(old) + 1, old + "/"),
+                        ).rowcount
+            con.execute("COMMIT")
+        except BaseException:
+            con.execute("ROLLBACK")
+            raise
+    finally:
+        con.close()
+    if not changed:
+        return 0
+    olds = ", ".join(_uri_path(r) for r in roots)
+    print(
+        f"[mlflow] run store moved from {olds}: {changed} locations now point at {_uri_path(new)}",
+        file=console,
+    )
+    return changed
+
+
 def setup(cfg: RunConfig) -> Any:
     """Point mlflow at the run's tracking store and experiment; return the mlflow module."""
     import mlflow
@@ -147,8 +222,13 @@ def setup(cfg: RunConfig) -> Any:
     if redact_uri(uri) != uri:  # MLflow prints "View run at: <uri>", credentials and all
         os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
     if uri.startswith("sqlite:///"):
-        Path(uri[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
-        _create_sqlite_store(Path(uri[len("sqlite:///") :]))
+        db = Path(uri[len("sqlite:///") :])
+        db.parent.mkdir(parents=True, exist_ok=True)
+        _create_sqlite_store(db)
+        # The run's own store (beside its artifacts): if the run root was moved or copied,
+        # point it at the artifacts where they are now, before anything is read or logged.
+        if db.resolve() == (Path(cfg.root) / "mlflow.db").resolve():
+            relocate_store(db, artifact_root(cfg))
     # mlflow.set_tracking_uri also writes MLFLOW_TRACKING_URI into os.environ: keep the
     # environment as the user set it, or the next run in this process (another config, a test)
     # and every subprocess it starts would resolve this run's store instead of their own.
@@ -222,7 +302,7 @@ def _known_run(client: Any, path: Path, uri: str, experiment: Any) -> str | None
         print(
             f"[tracking] tracking.experiment is now {experiment.name!r}: run {known['run_id']} "
             f"stays in {known.get('experiment', 'the previous experiment')!r}; starting a new one",
-            file=sys.stderr,
+            file=console,
         )
         return None
     return str(known["run_id"])

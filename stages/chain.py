@@ -4,7 +4,6 @@ skipped when up to date (the pipeline, every iterate round, every frontier or st
 from __future__ import annotations
 
 import importlib
-import sys
 import time
 from collections.abc import Sequence
 from types import ModuleType
@@ -12,6 +11,7 @@ from types import ModuleType
 from pipeline import tracking
 from pipeline.cli import early_exit, ended_early
 from pipeline.config import STAGES, RunConfig
+from pipeline.console import console, stage_output
 from pipeline.runstore import RunStore
 
 # One line each for `midpo --help`.
@@ -38,20 +38,22 @@ VLLM_STAGES = frozenset({"generate", "score", "evaluate"})
 
 
 def run_stages(cfg: RunConfig, names: Sequence[str], force: bool = False) -> None:
-    """Run ``names`` in order for ``cfg``'s run, with a header and the time of each."""
+    """Run ``names`` in order for ``cfg``'s run, with a header and the time of each; from a
+    command line, each stage's third-party output goes to its own log (pipeline.console)."""
     from pipeline.generation import release_vllm_engine
 
     for name in names:
         started = time.time()
-        print(f"\n=== {cfg.name}: {name} ===", file=sys.stderr)
+        print(f"\n=== {cfg.name}: {name} ===", file=console)
         if name not in VLLM_STAGES:
             release_vllm_engine()
         tracking.mark_started(name)
         try:
-            stage_module(name).run(cfg, RunStore(cfg), force)
+            with stage_output(cfg.run_dir, name):
+                stage_module(name).run(cfg, RunStore(cfg), force)
         except BaseException as e:
             tracking.fail_parent(cfg)  # the parent run spans the chain: it failed
             if isinstance(e, SystemExit | KeyboardInterrupt) and ended_early(e):
                 raise early_exit(name, e) from None  # user code must not end a chain as success
             raise
-        print(f"=== {cfg.name}: {name}: {time.time() - started:.0f} s ===", file=sys.stderr)
+        print(f"=== {cfg.name}: {name}: {time.time() - started:.0f} s ===", file=console)

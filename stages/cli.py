@@ -2,6 +2,7 @@
 
 midpo <command> [--config FILE] [--force] [key=value ...]
 midpo <command> --help                                 # its options and config keys
+midpo -v <command> ...                                 # everything on the terminal, no stage log
 midpo show-config [--config FILE] [key=value ...]     # the validated config, as YAML
 """
 
@@ -11,7 +12,7 @@ import difflib
 import importlib
 import sys
 
-from pipeline.cli import exit_cleanly, progress_as_lines, stage_parser
+from pipeline.cli import command_line, exit_cleanly, stage_parser
 from pipeline.config import ConfigError, load_config
 from stages.chain import DESCRIPTIONS
 
@@ -21,6 +22,7 @@ COMMANDS = {
     "pipeline": "the whole chain, prepare -> promote, each stage skipped when up to date",
     "iterate": "rounds of generate -> score -> train, each on the previous round's policy",
     "frontier": "reward against KL for several objectives at several strengths",
+    "study": "every objective at its defaults and the learnable prior, offline and online, seeds",
     "show-config": "print the validated config (file + overrides) as YAML",
 }
 
@@ -29,7 +31,7 @@ def usage() -> str:
     width = max(map(len, COMMANDS))
     lines = [f"  {name:<{width}}  {text}" for name, text in COMMANDS.items()]
     return (
-        "usage: midpo <command> [--config FILE] [--force] [key=value ...]\n\n"
+        "usage: midpo [-v] <command> [--config FILE] [--force] [key=value ...]\n\n"
         "commands:\n" + "\n".join(lines) + "\n\n`midpo <command> --help` lists a command's "
         "options and config keys."
     )
@@ -49,6 +51,8 @@ def show_config(argv: list[str]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] in (["-v"], ["--verbose"]):  # midpo -v <command> = midpo <command> -v
+        argv = [*argv[1:2], argv[0], *argv[2:]]
     if argv[:1] in (["-h"], ["--help"], ["help"]):
         print(usage())
         sys.exit(0)
@@ -60,7 +64,7 @@ def main(argv: list[str] | None = None) -> None:
         print(usage(), file=sys.stderr)
         sys.exit(2)
     command, rest = argv[0], argv[1:]
-    progress_as_lines()
+    command_line()
     if command == "show-config":
         show_config(rest)
         return

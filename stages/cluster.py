@@ -24,6 +24,7 @@ from pipeline.cluster import (
     wait_chain,
 )
 from pipeline.config import ConfigError, load_config
+from pipeline.console import console
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -60,11 +61,11 @@ def main(argv: list[str] | None = None) -> None:
             print(
                 f"[submit] chain of {len(sub.jobs)} jobs for run {cfg.name!r}; `{status}` "
                 f"follows it; logs in {sub.dir}",
-                file=sys.stderr,
+                file=console,
             )
             if args.wait:
                 wait_chain(sub, args.poll, args.timeout)
-                print(f"[cluster] run {cfg.name!r}: every stage completed", file=sys.stderr)
+                print(f"[cluster] run {cfg.name!r}: every stage completed", file=console)
         elif args.command == "status":
             sub = latest_submission(cfg)
             print(f"run {sub.run}, submitted {sub.created}, logs in {sub.dir}")
@@ -75,12 +76,12 @@ def main(argv: list[str] | None = None) -> None:
                 )
         elif args.command == "wait":
             wait_chain(latest_submission(cfg), args.poll, args.timeout)
-            print(f"[cluster] run {cfg.name!r}: every stage completed", file=sys.stderr)
+            print(f"[cluster] run {cfg.name!r}: every stage completed", file=console)
         else:
             ids = cancel_chain(latest_submission(cfg))
-            print(f"[cluster] cancelled jobs {' '.join(ids)}", file=sys.stderr)
+            print(f"[cluster] cancelled jobs {' '.join(ids)}", file=console)
     except (ConfigError, ClusterError) as e:
-        print(f"midpo cluster {args.command}: error: {e}", file=sys.stderr)
+        print(f"midpo cluster {args.command}: error: {e}", file=console)
         sys.exit(2)
 
 

@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import math
 import shutil
-import sys
 from pathlib import Path
 
 from pipeline import registry, tracking
 from pipeline.cli import stage_main
 from pipeline.config import RunConfig
+from pipeline.console import console
 from pipeline.evaluation_steps import (
     evaluate_policy,
     samples_table,
@@ -102,7 +102,7 @@ def run(cfg: RunConfig, store: RunStore, force: bool = False) -> None:
             policy_dir=str(policy_dir),
             reference_dir=str(reference_dir),
         )
-        print(summary_text(report), file=sys.stderr)
+        print(summary_text(report), file=console)
     shutil.rmtree(store.scratch_dir("evaluate"), ignore_errors=True)
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 import time
 from typing import Any
@@ -29,7 +28,8 @@ from typing import Any
 from pipeline import tracking
 from pipeline.cli import stage_main
 from pipeline.config import ConfigError, RunConfig, derive_config
-from pipeline.frontier import parse_points, point_row, table_text, write_outputs
+from pipeline.console import console
+from pipeline.frontier import parse_points, point_row, share_outputs, table_text, write_outputs
 from pipeline.runstore import RunStore
 from stages.chain import run_stages
 
@@ -58,24 +58,6 @@ def point_config(cfg: RunConfig, objective: str, beta: float) -> RunConfig:
     return derive_config(cfg, name, {"train.objective": objective, "train.beta": beta})
 
 
-def share_outputs(base: RunStore, point: RunStore) -> None:
-    """Copy the base run's shared outputs into a point run (atomically, once). Score is shared
-    when the point scores alike (same score config; only token weights depend on the objective)."""
-    for stage in SHARED_STAGES:
-        src = base.require(stage)
-        if point.expected_hash(stage) != src["config_hash"]:
-            continue  # this point's stage differs (e.g. TIS-DPO's token weights): it runs its own
-        have = point.complete_manifest(stage)
-        if have is not None and have.get("output_hash") == src["output_hash"]:
-            continue
-        dest = point.stage_dir(stage)
-        tmp = dest.with_name(f".{stage}.copy-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(base.stage_dir(stage), tmp)
-        shutil.rmtree(dest, ignore_errors=True)
-        os.replace(tmp, dest)
-
-
 def run_points(cfg: RunConfig, points: dict[str, list[float]], force: bool) -> list[dict[str, Any]]:
     base = RunStore(cfg)
     run_stages(cfg, SHARED_STAGES, force)
@@ -84,16 +66,16 @@ def run_points(cfg: RunConfig, points: dict[str, list[float]], force: bool) -> l
     for i, (objective, beta) in enumerate(grid, 1):
         pcfg = point_config(cfg, objective, beta)
         store = RunStore(pcfg)
-        print(f"\n=== frontier point {i}/{len(grid)}: {pcfg.name} ===", file=sys.stderr)
+        print(f"\n=== frontier point {i}/{len(grid)}: {pcfg.name} ===", file=console)
         started = time.time()
-        share_outputs(base, store)
+        share_outputs(base, store, SHARED_STAGES)
         tracking.child_run_id(
             cfg, pcfg, pcfg.name, {"midpo.role": "point", "midpo.objective": objective}
         )
         run_stages(pcfg, POINT_STAGES, force)
         report = json.loads((store.stage_dir("evaluate") / "report.json").read_text())
         rows.append(point_row(objective, beta, pcfg.name, report))
-        print(f"=== {pcfg.name}: {time.time() - started:.0f} s ===", file=sys.stderr)
+        print(f"=== {pcfg.name}: {time.time() - started:.0f} s ===", file=console)
     return rows
 
 
@@ -126,7 +108,7 @@ def run(
     print(
         f"\n[frontier] {len(rows)} points in {time.time() - started:.0f} s -> {folder}\n"
         + table_text(rows),
-        file=sys.stderr,
+        file=console,
     )
 
 
@@ -137,7 +119,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         points = parse_points(known.points) if known.points else DEFAULT_POINTS
     except ConfigError as e:
-        print(f"midpo frontier: error: {e}", file=sys.stderr)
+        print(f"midpo frontier: error: {e}", file=console)
         raise SystemExit(2) from None
     stage_main("frontier", lambda cfg, store, force: run(cfg, store, force, points), rest)
 

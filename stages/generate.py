@@ -12,13 +12,13 @@ picks up where it stopped (per-prompt seeds make the result identical either way
 from __future__ import annotations
 
 import shutil
-import sys
 from pathlib import Path
 from typing import Any
 
 from pipeline import data, tracking
 from pipeline.cli import stage_main
 from pipeline.config import ConfigError, RunConfig
+from pipeline.console import console
 from pipeline.generation import (
     check_sampling_model,
     prompts_for,
@@ -37,11 +37,11 @@ def sampling_model_dir(cfg: RunConfig, prepare_manifest: dict[str, Any]) -> Path
 
 def run(cfg: RunConfig, store: RunStore, force: bool = False) -> None:
     g = cfg.generate
-    if cfg.data.task == "preference":
+    if cfg.data.pairs_from_data:
         print(
-            "[generate] data.task=preference: pairs come from the dataset (offline mode); "
-            "nothing to generate",
-            file=sys.stderr,
+            f"[generate] data.task={cfg.data.task}: pairs come from the dataset (offline "
+            "mode); nothing to generate",
+            file=console,
         )
         return
     if g.max_tokens + cfg.model.max_prompt_length > cfg.model.max_length:
@@ -100,7 +100,7 @@ def run(cfg: RunConfig, store: RunStore, force: bool = False) -> None:
             f"[generate] {summary['samples']} samples for {len(rows)} prompts "
             f"({summary['truncated_prompts']} prompts truncated), "
             f"{summary['tokens_per_s']:.1f} tok/s -> {st.final_dir}",
-            file=sys.stderr,
+            file=console,
         )
     shutil.rmtree(store.scratch_dir("generate"), ignore_errors=True)
 

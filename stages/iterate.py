@@ -15,12 +15,12 @@ of a round nest under it. The last round's policy is ``runs/<name>-round<n>/trai
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 from pipeline import tracking
 from pipeline.cli import stage_main
 from pipeline.config import ConfigError, RunConfig, derive_config
+from pipeline.console import console
 from pipeline.runstore import RunStore
 from stages.chain import run_stages
 
@@ -67,7 +67,7 @@ def run(cfg: RunConfig, store: RunStore, force: bool = False) -> None:
         round_cfg = round_config(cfg, k, previous)
         round_store = RunStore(round_cfg)
         run_id = link_round_run(cfg, round_cfg, k)
-        print(f"\n=== round {k}/{rounds}: {round_cfg.run_dir} ===", file=sys.stderr)
+        print(f"\n=== round {k}/{rounds}: {round_cfg.run_dir} ===", file=console)
         run_stages(round_cfg, ROUND_STAGES, force)
         client = tracking.setup(cfg).MlflowClient()
         client.log_param(run_id, "sampled_from", str(previous or "base model"))
@@ -78,7 +78,7 @@ def run(cfg: RunConfig, store: RunStore, force: bool = False) -> None:
             if key in train:
                 client.log_metric(run_id, f"train/{key}", float(train[key]), step=k)
         client.set_terminated(run_id, "FINISHED")
-    print(f"[iterate] {rounds} round(s) done; last policy: {previous}", file=sys.stderr)
+    print(f"[iterate] {rounds} round(s) done; last policy: {previous}", file=console)
 
 
 def main(argv: list[str] | None = None) -> None:

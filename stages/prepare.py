@@ -1,20 +1,21 @@
 """prepare: materialise the base model (cache) and the task data (run store).
 
 Outputs in runs/<run>/prepare/: prompts/{train,eval,test}.parquet, human_pairs.parquet
-(held-out human preferences), preference.parquet (user preference data only); the manifest's
+(held-out human preferences), preference.parquet (training pairs: user preference data, or
+task vader-preference's pairs of train-split snippets); the manifest's
 ``model_dir`` names the base model folder in the cache.
 """
 
 from __future__ import annotations
 
 import random
-import sys
 from pathlib import Path
 from typing import Any
 
 from pipeline import data, models, tracking
 from pipeline.cli import stage_main
 from pipeline.config import RunConfig
+from pipeline.console import console
 from pipeline.runstore import RunStore
 
 
@@ -88,13 +89,10 @@ def run(cfg: RunConfig, store: RunStore, force: bool = False) -> None:
             return
         # User data first: a bad row fails in seconds, before any model is built or converted.
         limit = data.TextLimit.for_length(cfg.model.max_length, cfg.generate.long_prompts)
-        splits = user_rows(cfg, limit) if d.task != "vader-sentiment" else {}
-        snippets = (
-            data.load_vader_snippets()
-            if (d.task == "vader-sentiment" or cfg.model.base == models.TINY)
-            else []
-        )
-        print(f"[prepare] model {cfg.model.base!r}", file=sys.stderr)
+        builtin = d.task in ("vader-sentiment", "vader-preference")
+        splits = user_rows(cfg, limit) if not builtin else {}
+        snippets = data.load_vader_snippets() if (builtin or cfg.model.base == models.TINY) else []
+        print(f"[prepare] model {cfg.model.base!r}", file=console)
         model_dir = models.resolve_model(
             cfg.model.base,
             Path(cfg.cache_dir),
@@ -110,7 +108,7 @@ def run(cfg: RunConfig, store: RunStore, force: bool = False) -> None:
         }
         counts: dict[str, int] = {}
 
-        if d.task == "vader-sentiment":
+        if builtin:
             snippet_splits = data.split_snippets(snippets, d.split_seed)
             for name, limit_n in limits.items():
                 rows = data.vader_prompts(
@@ -123,6 +121,12 @@ def run(cfg: RunConfig, store: RunStore, force: bool = False) -> None:
             )
             data.write_rows(st.dir / "human_pairs.parquet", _rendered(tok, pairs))
             counts["human_pairs"] = len(pairs)
+            if d.task == "vader-preference":  # train on the train split's own snippet pairs
+                train_pairs = data.training_pairs(
+                    snippet_splits, d.human_pair_min_gap, d.num_train_pairs, d.split_seed
+                )
+                data.write_rows(st.dir / "preference.parquet", _rendered(tok, train_pairs))
+                counts["preference_pairs"] = len(train_pairs)
         else:
             for name, limit_n in limits.items():
                 part = [
@@ -148,7 +152,7 @@ def run(cfg: RunConfig, store: RunStore, force: bool = False) -> None:
             for path in sorted(st.dir.rglob("*.parquet")):  # prompts and pairs, with digests
                 name = str(path.relative_to(st.dir).with_suffix(""))
                 tracking.log_dataset(path, name, context="prepare")
-        print(f"[prepare] {counts} -> {st.final_dir}", file=sys.stderr)
+        print(f"[prepare] {counts} -> {st.final_dir}", file=console)
 
 
 def main(argv: list[str] | None = None) -> None:

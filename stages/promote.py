@@ -15,7 +15,6 @@ guarantees.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -23,6 +22,7 @@ from typing import Any
 from pipeline import registry, tracking
 from pipeline.cli import stage_main
 from pipeline.config import RunConfig, config_hash
+from pipeline.console import console
 from pipeline.runstore import RunStore, StageError, atomic_write_json, code_version
 
 
@@ -120,7 +120,7 @@ def run(cfg: RunConfig, store: RunStore, force: bool = False) -> None:
             gate=record.get("gate"),
             model_hash=model_hash,
         )
-    print(_summary(record), file=sys.stderr)
+    print(_summary(record), file=console)
 
 
 def _train_model(cfg: RunConfig, train_manifest: dict[str, Any]) -> Any | None:

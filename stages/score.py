@@ -12,12 +12,12 @@ The work itself is ``pipeline.pairing``.
 from __future__ import annotations
 
 import math
-import sys
 from pathlib import Path
 
 from pipeline import data, pairing, tracking
 from pipeline.cli import stage_main
 from pipeline.config import RunConfig
+from pipeline.console import console
 from pipeline.runstore import RunStore
 from pipeline.scoring import config_model_dir, reward_module_file, write_summary_plot
 
@@ -42,7 +42,7 @@ def input_fingerprints(cfg: RunConfig, store: RunStore) -> dict[str, str]:
 
 def run(cfg: RunConfig, store: RunStore, force: bool = False) -> None:
     s = cfg.score
-    offline = cfg.data.task == "preference"
+    offline = cfg.data.pairs_from_data
     prep = store.require("prepare")
     gen = None if offline else store.require("generate")
     reference_dir = config_model_dir(
@@ -106,7 +106,7 @@ def run(cfg: RunConfig, store: RunStore, force: bool = False) -> None:
         print(
             f"[score] {len(pairs)} pairs ({result.scorer}); drops {result.drops or 'none'} "
             f"-> {st.final_dir}",
-            file=sys.stderr,
+            file=console,
         )
 
 

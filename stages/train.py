@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import shutil
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +28,7 @@ import yaml
 from pipeline import distributed, registry, training
 from pipeline.cli import stage_main
 from pipeline.config import RunConfig
+from pipeline.console import console
 from pipeline.runstore import RunStore, atomic_write_bytes, atomic_write_json
 
 INPUTS = ["score"]
@@ -43,7 +43,7 @@ def launch(cfg: RunConfig, store: RunStore, force: bool) -> None:
     # bad input fails here, before any rank; so do devices another process holds
     checked = training.make_plan(cfg, store, plan.world_size, local_world_size=plan.nproc)
     training.check_devices_free(training.device_memory_readings())
-    print(checked.launch.line, file=sys.stderr)
+    print(checked.launch.line, file=console)
     # The ranks read the validated config from a file (the stage may have been called in-process
     # by the pipeline, with overrides that are not on any command line).
     scratch = store.scratch_dir("train")
@@ -53,8 +53,9 @@ def launch(cfg: RunConfig, store: RunStore, force: bool) -> None:
     code = distributed.launch("stages.train", args, plan)
     if code != 0:
         print(
-            f"midpo train: error: training failed ({distributed.exit_reason(code)}); see above",
-            file=sys.stderr,
+            f"midpo train: error: training failed ({distributed.exit_reason(code)}); "
+            "see the ranks' output",
+            file=console,
         )
         raise SystemExit(code)
 
@@ -126,7 +127,7 @@ def train_rank(cfg: RunConfig, store: RunStore, force: bool) -> None:
                 print(
                     f"[train] {result.steps} steps, final loss {result.final_loss:.4f}, "
                     f"{result.tokens_per_s:.0f} tokens/s -> {st.final_dir / 'model'}",
-                    file=sys.stderr,
+                    file=console,
                 )
         clean = True
     except training.TrainingError as e:

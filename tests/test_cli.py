@@ -34,7 +34,7 @@ def test_help_lists_every_command_with_a_line(args: list[str]) -> None:
     done = midpo(*args)
     assert done.returncode == (0 if args else 2)
     text = done.stdout + done.stderr
-    for command in (*STAGES, "pipeline", "iterate", "frontier", "show-config"):
+    for command in (*STAGES, "pipeline", "iterate", "frontier", "study", "show-config"):
         line = next((ln for ln in text.splitlines() if ln.strip().startswith(command + " ")), "")
         assert len(line.split()) > 2, (command, text)  # the name and a description
 
@@ -115,7 +115,7 @@ def test_user_code_cannot_end_a_stage_as_a_success(
 
 def test_progress_on_a_non_terminal_is_lines(tmp_path: Path, cache_dir: Path) -> None:
     """stderr to a file or pipe (a log, a SLURM .out): progress as separate lines, no carriage
-    returns."""
+    returns, also while the stage's own output goes to its log (tests/test_quiet.py)."""
     overrides = [f"root={tmp_path / 'runs'}", f"cache_dir={cache_dir}"]
     for stage in ("prepare", "generate"):
         done = subprocess.run(
@@ -130,6 +130,8 @@ def test_progress_on_a_non_terminal_is_lines(tmp_path: Path, cache_dir: Path) ->
     bars = [ln for ln in err.split("\n") if ln.startswith("generate (transformers):")]
     assert bars and "100%" in bars[-1], err[-3000:]
     assert max(map(len, err.split("\n"))) < 500
+    log = (tmp_path / "runs" / "tiny" / "generate" / "stage.log").read_text()
+    assert "generate (transformers):" not in log  # our bar is on the terminal only
 
 
 def test_make_help_lists_every_target() -> None:

@@ -223,3 +223,56 @@ def test_stage_run_starts_when_the_stage_began(
     import mlflow
 
     assert mlflow.get_run(run.info.run_id).info.start_time == int(began * 1000)
+
+
+# -- a run store moved to another folder ---------------------------------------------------------
+def test_a_moved_run_store_finds_its_artifacts_and_models(
+    tiny_config: ConfigFactory, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The sqlite store records absolute artifact locations: after `runs/` moves, the next
+    stage (tracking.setup) repoints them, so artifacts download and registered versions load
+    from the new place. A store that did not move is left byte for byte."""
+    import hashlib
+    import shutil
+
+    import mlflow.pyfunc
+
+    class Echo(mlflow.pyfunc.PythonModel):  # the cheapest real model to register
+        def predict(self, context: Any, model_input: list[str], params: Any = None) -> list[str]:
+            return model_input
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    cfg = tiny_config(f"root={a}")
+    mlflow = tracking.setup(cfg)
+    with mlflow.start_run() as run:
+        mlflow.log_text("kept", "notes/kept.txt")
+        info = mlflow.pyfunc.log_model(
+            name="echo", python_model=Echo(), pip_requirements=[], registered_model_name="echo"
+        )
+    digest = hashlib.sha256((a / "mlflow.db").read_bytes()).hexdigest()
+    assert tracking.relocate_store(a / "mlflow.db", tracking.artifact_root(cfg)) == 0
+    assert hashlib.sha256((a / "mlflow.db").read_bytes()).hexdigest() == digest
+    capsys.readouterr()
+
+    shutil.move(a, b)
+    moved = tiny_config(f"root={b}")
+    mlflow = tracking.setup(moved)
+    err = capsys.readouterr().err
+    assert f"[mlflow] run store moved from {a / 'mlartifacts'}: " in err, err
+    # the experiment, the run, the logged model, the model version's storage location
+    assert f": 4 locations now point at {b / 'mlartifacts'}\n" in err, err
+
+    client = mlflow.MlflowClient()
+    assert client.get_run(run.info.run_id).info.artifact_uri.startswith(
+        tracking.artifact_root(moved) + "/"
+    )
+    kept = mlflow.artifacts.download_artifacts(
+        run_id=run.info.run_id, artifact_path="notes/kept.txt", dst_path=str(tmp_path / "dl")
+    )
+    assert Path(kept).read_text() == "kept"
+    logged = client.get_logged_model(info.model_id)
+    assert logged.artifact_location.startswith(tracking.artifact_root(moved) + "/")
+    model = mlflow.pyfunc.load_model("models:/echo/1")
+    assert list(model.predict(["hi"])) == ["hi"]
+    assert tracking.relocate_store(b / "mlflow.db", tracking.artifact_root(moved)) == 0
+    assert not a.exists()  # nothing was written at the old place

@@ -14,7 +14,6 @@ import json
 import os
 import random
 import shutil
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,6 +22,7 @@ import torch
 
 from pipeline import distributed
 from pipeline.config import config_hash
+from pipeline.console import console
 from pipeline.runstore import atomic_write_json
 from pipeline.training.errors import TrainingError
 
@@ -111,7 +111,7 @@ class Checkpoints:
                 print(
                     f"[train] checkpoint {root / tag} is damaged ({'; '.join(problems[:3])}); "
                     "set aside as corrupt-" + tag + ", falling back to the previous checkpoint",
-                    file=sys.stderr,
+                    file=console,
                 )
                 for folder in (root / tag, root / "marginal_prior" / tag):
                     if folder.is_dir():
@@ -143,7 +143,7 @@ class Checkpoints:
                 "order (batch sizes or seed changed?); rerun with --force"
             )
         if self.ranks.is_main:
-            print(f"[train] resuming from {root / tag} (step {step})", file=sys.stderr)
+            print(f"[train] resuming from {root / tag} (step {step})", file=console)
         return step
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import sys
 import time
 from typing import Any
 
@@ -19,6 +18,7 @@ import torch
 from torch import Tensor
 
 from pipeline import distributed
+from pipeline.console import console
 from pipeline.training.batching import (
     SHARED_PROMPT_TOLERANCE,
     MicroBatch,
@@ -100,6 +100,7 @@ class Trainer:
                     loss=f"{last_loss:.4f}",
                     acc=f"{metrics['rewards/accuracies']:.2f}",
                     tok_s=f"{metrics['tokens_per_s']:.0f}",
+                    refresh=False,  # update() redraws, at most every TQDM_MININTERVAL
                 )
                 bar.update(1)
             every = plan.train.checkpoint_every
@@ -284,7 +285,7 @@ def _progress_bar(total: int, start: int, enabled: bool) -> Any:
         desc="train",
         disable=not enabled,
         dynamic_ncols=True,
-        file=sys.stderr,
+        file=console,
     )
 
 
