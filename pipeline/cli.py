@@ -21,7 +21,7 @@ from typing import NoReturn
 from pipeline import console as console_mod
 from pipeline import tracking
 from pipeline.config import STAGES, ConfigError, RunConfig, clip, load_config
-from pipeline.console import LineProgress, console
+from pipeline.console import PROGRESS_LINE_EVERY_S, LineProgress, console
 from pipeline.runstore import RunStore, StageError
 
 DEFAULT_CONFIG = "configs/demo.yaml"
@@ -173,12 +173,6 @@ def ended_early(e: SystemExit | KeyboardInterrupt) -> bool:
     """An exit that would otherwise look like success (or a bare interrupt); a nonzero
     SystemExit already failed the process with its code (train's launcher uses it)."""
     return isinstance(e, KeyboardInterrupt) or not e.code
-
-
-# When the terminal is a file (a log, a SLURM .out), a progress bar's redraws ("\r" + bar, many
-# a second) would make one line of thousands of characters: redraw at most this often, each as
-# its own line (LineProgress). tqdm reads TQDM_MININTERVAL; child processes (ranks) inherit it.
-PROGRESS_LINE_EVERY_S = 30
 
 
 def progress_as_lines() -> None:

@@ -101,6 +101,21 @@ class Console:
 
 console = Console()
 
+# When the console is no terminal (a file, a pipe, a SLURM .out), a bar redraws at most this
+# often, each redraw a line (LineProgress): not thousands of carriage returns in one line.
+PROGRESS_LINE_EVERY_S = 30
+
+
+def progress(**kwargs: Any) -> Any:
+    """One of our progress bars (tqdm's arguments) on the console. tqdm reads TQDM_MININTERVAL
+    when it is imported, so a process that learns it has no terminal later passes it here;
+    child processes (ranks) get it from the environment (pipeline.cli.progress_as_lines)."""
+    from tqdm import tqdm
+
+    if not console.isatty():
+        kwargs.setdefault("mininterval", PROGRESS_LINE_EVERY_S)
+    return tqdm(file=console, **kwargs)
+
 
 def _text_stream(fd: int, closefd: bool) -> Any:
     stream = open(  # noqa: SIM115  (lives as long as the redirection or the process)

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from pipeline.config import RunConfig, clip, config_hash
-from pipeline.console import console
+from pipeline.console import console, progress
 from pipeline.data import DataError, read_rows, write_rows
 from pipeline.models import ModelError, check_model_folder, load_causal_lm, load_tokenizer
 from pipeline.records import SampleRecord
@@ -601,11 +601,9 @@ def sample_resumable(
     n_chunks = (len(rows) + g.chunk_size - 1) // g.chunk_size
     speed = Throughput()
     if any(chunks.load(c) is None for c in range(n_chunks)):  # else: all kept from a killed run
-        from tqdm import tqdm
-
         sampler = sampler_for(cfg, model_dir)
         speed = Throughput()  # sampling only, not the model's start-up
-        bar = tqdm(total=len(rows), unit="prompt", desc=desc, file=console)
+        bar = progress(total=len(rows), unit="prompt", desc=desc)
         for done, tokens in generate_rows(
             sampler,
             tokenizer,

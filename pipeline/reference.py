@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-from pipeline.console import console
+from pipeline.console import progress
 from pipeline.generation import resolve_device
 from pipeline.models import load_causal_lm
 
@@ -86,7 +86,6 @@ class TransformersLogprobs:
         self, sequences: Sequence[TokenSequence], desc: str = "log-probs"
     ) -> list[list[float]]:
         import torch
-        from tqdm import tqdm
 
         from pipeline.objectives import response_token_stats
 
@@ -98,7 +97,7 @@ class TransformersLogprobs:
         )
         out: list[list[float]] = [[] for _ in sequences]
         total = sum(len(p) + len(r) for p, r in sequences)
-        bar = tqdm(total=total, unit="tok", unit_scale=True, desc=desc, file=console)
+        bar = progress(total=total, unit="tok", unit_scale=True, desc=desc)
         for b in range(0, len(order), self.batch_size):
             idx = order[b : b + self.batch_size]
             lengths = [len(sequences[i][0]) + len(sequences[i][1]) for i in idx]

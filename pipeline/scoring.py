@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from pipeline.config import RunConfig, reward_function_problem
-from pipeline.console import console
+from pipeline.console import console, progress
 from pipeline.generation import live_vllm_engine, release_vllm_engine, resolve_device, vllm_for
 from pipeline.models import ModelError, check_model_folder, load_tokenizer, render_prompt
 from pipeline.runstore import StageError
@@ -113,11 +113,9 @@ def call_reward_function(
 
     A batch that raises is retried row by row, so one bad row does not hide the others.
     """
-    from tqdm import tqdm
-
     rewards = np.full(len(responses), np.nan)
     errors: dict[int, str] = {}
-    for b in tqdm(range(0, len(responses), batch_size), desc=desc, unit="batch", file=console):
+    for b in progress(iterable=range(0, len(responses), batch_size), desc=desc, unit="batch"):
         rows = range(b, min(b + batch_size, len(responses)))
         try:
             values = _check_rewards(

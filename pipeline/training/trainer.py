@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from pipeline import distributed
-from pipeline.console import console
+from pipeline.console import progress
 from pipeline.training.batching import (
     SHARED_PROMPT_TOLERANCE,
     MicroBatch,
@@ -276,17 +276,10 @@ def separate(batch: MicroBatch) -> MicroBatch:
 
 
 def _progress_bar(total: int, start: int, enabled: bool) -> Any:
-    from tqdm import tqdm
-
-    return tqdm(
-        total=total,
-        initial=start,
-        unit="step",
-        desc="train",
-        disable=not enabled,
+    return progress(
+        total=total, initial=start, unit="step", desc="train", disable=not enabled,
         dynamic_ncols=True,
-        file=console,
-    )
+    )  # fmt: skip
 
 
 # -- metric reduction and the NaN guard ------------------------------------------------------------
