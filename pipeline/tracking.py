@@ -286,12 +286,14 @@ def _started_ms(name: str | None = None) -> int:
 
 # -- runs ----------------------------------------------------------------------------------------
 def _known_run(client: Any, path: Path, uri: str, experiment: Any) -> str | None:
-    """The run id kept in ``path`` if it is in this store and experiment and still exists."""
+    """The run id kept in ``path`` if it is in this store and experiment and still exists.
+
+    Run ids are UUIDs: one found in this store is that run, whatever URI the file recorded (a
+    run store moved or copied elsewhere keeps its parent and child runs); the file is then
+    updated to the store it is in now."""
     if not path.is_file():
         return None
     known = json.loads(path.read_text())
-    if known.get("tracking_uri") != redact_uri(uri):
-        return None
     try:
         run = client.get_run(known["run_id"])
     except Exception:
@@ -305,6 +307,8 @@ def _known_run(client: Any, path: Path, uri: str, experiment: Any) -> str | None
             file=console,
         )
         return None
+    if known.get("tracking_uri") != redact_uri(uri):
+        atomic_write_json(path, {**known, "tracking_uri": redact_uri(uri)})
     return str(known["run_id"])
 
 

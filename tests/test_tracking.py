@@ -244,6 +244,7 @@ def test_a_moved_run_store_finds_its_artifacts_and_models(
     a, b = tmp_path / "a", tmp_path / "b"
     cfg = tiny_config(f"root={a}")
     mlflow = tracking.setup(cfg)
+    parent = tracking.parent_run_id(cfg)
     with mlflow.start_run() as run:
         mlflow.log_text("kept", "notes/kept.txt")
         info = mlflow.pyfunc.log_model(
@@ -259,8 +260,8 @@ def test_a_moved_run_store_finds_its_artifacts_and_models(
     mlflow = tracking.setup(moved)
     err = capsys.readouterr().err
     assert f"[mlflow] run store moved from {a / 'mlartifacts'}: " in err, err
-    # the experiment, the run, the logged model, the model version's storage location
-    assert f": 4 locations now point at {b / 'mlartifacts'}\n" in err, err
+    # the experiment, the parent run, the run, the logged model, the version's storage location
+    assert f": 5 locations now point at {b / 'mlartifacts'}\n" in err, err
 
     client = mlflow.MlflowClient()
     assert client.get_run(run.info.run_id).info.artifact_uri.startswith(
@@ -275,4 +276,8 @@ def test_a_moved_run_store_finds_its_artifacts_and_models(
     model = mlflow.pyfunc.load_model("models:/echo/1")
     assert list(model.predict(["hi"])) == ["hi"]
     assert tracking.relocate_store(b / "mlflow.db", tracking.artifact_root(moved)) == 0
+    # the chain goes on in the same parent run, its file now naming the store it is in
+    assert tracking.parent_run_id(moved) == parent
+    kept_file = json.loads((moved.run_dir / tracking.PARENT_FILE).read_text())
+    assert kept_file["tracking_uri"] == tracking.tracking_uri(moved)
     assert not a.exists()  # nothing was written at the old place
