@@ -780,13 +780,21 @@ def objective_kwargs(train: TrainConfig) -> dict[str, Any]:
 
 def build_objective(train: TrainConfig) -> MIDPOObjective:
     """The MI-DPO objective ``train`` names, with its hyper-parameters: the one place config
-    becomes an objective (train, score's cache key, evaluate's implicit reward, the frontier)."""
+    becomes an objective (train, score's cache key, evaluate's implicit reward, the frontier).
+
+    Learned prior parts (SparsePO's mask head) start from ``train.seed``: the same weights on
+    every rank and in every run with that seed. torch's global generator is left as it was, so
+    building an objective to ask it something changes no later random draw."""
+    import torch
+
     from pipeline.objectives import make_objective
 
-    try:
-        return make_objective(train.objective, **objective_kwargs(train))
-    except (ValueError, TypeError) as e:
-        raise ConfigError(f"train.objective={train.objective!r}: {e}") from None
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(train.seed)
+        try:
+            return make_objective(train.objective, **objective_kwargs(train))
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"train.objective={train.objective!r}: {e}") from None
 
 
 def _check_objective(cfg: RunConfig, source: str) -> None:

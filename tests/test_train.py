@@ -391,6 +391,33 @@ def test_bad_input_fails_before_any_rank_starts(pairs_root: dict[str, Any]) -> N
         assert not (pairs_root["root"] / run / ".train.scratch").exists()
 
 
+def test_learned_prior_parts_start_from_the_train_seed(pairs_root: dict[str, Any]) -> None:
+    """SparsePO's mask head is initialised from train.seed: the same seed gives the same
+    weights (on every rank, in every run), another seed others; torch's global generator is
+    left as it was."""
+    import torch
+
+    configs = {
+        seed: run_with_pairs(
+            pairs_root, f"sparse-s{seed}", "train.objective=sparsepo",
+            "train.objective_args={hidden_size: 64}", f"train.seed={seed}",
+        )
+        for seed in (0, 1)
+    }  # fmt: skip
+
+    def mask_weights(seed: int) -> list[torch.Tensor]:
+        plan = training.make_plan(configs[seed], RunStore(configs[seed]), 1)
+        return [p.detach().clone() for p in plan.objective.parameters()]
+
+    torch.manual_seed(123)
+    before = torch.rand(3)
+    torch.manual_seed(123)
+    first, again, other = mask_weights(0), mask_weights(0), mask_weights(1)
+    assert first and all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(first, other, strict=True))
+    assert torch.equal(torch.rand(3), before)
+
+
 def test_launch_plan_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("NNODES", "2")
     monkeypatch.setenv("NODE_RANK", "1")
