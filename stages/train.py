@@ -58,6 +58,8 @@ def launch(cfg: RunConfig, store: RunStore, force: bool) -> None:
             file=console,
         )
         raise SystemExit(code)
+    if not plan.node_rank and store.complete_manifest("train") is not None:
+        training.drop_resumable_checkpoints(scratch)  # the model is exported and checked
 
 
 def train_rank(cfg: RunConfig, store: RunStore, force: bool) -> None:

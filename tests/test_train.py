@@ -472,6 +472,10 @@ def test_two_rank_stage_learns_partitions_and_exports(trained: RunConfig) -> Non
     assert max(h["loss"] for h in history[-4:]) < 0.6
     assert history[-1]["rewards/accuracies"] == 1.0
     assert {h["pairs"] for h in history[:4]} == {4.0, 1.0}  # uneven last batch kept
+    # the checkpoints served a resume only: gone once the model is exported (the folder stays)
+    scratch = RunStore(trained).scratch_dir("train")
+    assert list(scratch.glob("ckpt-*/metrics.jsonl"))
+    assert not list(scratch.glob("ckpt-*/step*")) and not list(scratch.glob("ckpt-*/latest.json"))
     # each rank holds half of every parameter
     assert len(m["zero_partition"]) == 2
     for part in m["zero_partition"]:

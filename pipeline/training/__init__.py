@@ -40,6 +40,7 @@ from pipeline.training.checkpoints import (
     CHECKPOINT_MARKER,
     Checkpoints,
     checkpoint_dir,
+    drop_resumable_checkpoints,
     prepare_checkpoint_dir,
     read_latest,
 )
@@ -143,6 +144,7 @@ __all__ = [
     "pack_pairs",
     "partition_report",
     "policy_parameter_groups",
+    "drop_resumable_checkpoints",
     "prepare_checkpoint_dir",
     "prior_learning_rate",
     "prompt_free_logps",

@@ -49,6 +49,19 @@ def prepare_checkpoint_dir(root: Path, fresh: bool) -> None:
     root.mkdir(parents=True, exist_ok=True)
 
 
+def drop_resumable_checkpoints(scratch: Path) -> int:
+    """After the stage's output is committed: delete the checkpoints under ``scratch`` (they only
+    served a resume after a kill; ~16 bytes per parameter each), keeping any set aside as
+    ``corrupt-stepN`` for inspection. Returns how many were deleted."""
+    dropped = 0
+    for root in scratch.glob("ckpt-*"):
+        for step in root.glob("step*"):
+            shutil.rmtree(step, ignore_errors=True)
+            dropped += 1
+        (root / "latest.json").unlink(missing_ok=True)
+    return dropped
+
+
 def read_latest(root: Path) -> dict[str, Any] | None:
     """The newest checkpoint marked complete ({"tag", "step"}); not yet verified."""
     steps = _complete_steps(root)
