@@ -473,6 +473,12 @@ def loss_gap(learnable: Mapping[str, Any], dpo: Mapping[str, Any]) -> dict[str, 
     }
 
 
+def never_trained(record: Mapping[str, Any]) -> bool:
+    """The loss was log 2 (a zero margin) at every step: no gradient reached the policy."""
+    losses = record["training"]["loss"]
+    return bool(losses) and all(abs(x - math.log(2)) < 1e-9 for x in losses)
+
+
 def offline_findings(groups: Mapping[str, Sequence[Mapping[str, Any]]]) -> list[str]:
     """What the offline numbers support and what they do not, computed from them."""
     lines: list[str] = []
@@ -514,7 +520,12 @@ def offline_findings(groups: Mapping[str, Sequence[Mapping[str, Any]]]) -> list[
             lines.append(
                 f"Held-out accuracy interval apart from DPO's on some seed: {', '.join(differ)}."
             )
-    widths = [r["metrics"][acc[2]] - r["metrics"][acc[1]] for rs in groups.values() for r in rs]
+    widths = [
+        r["metrics"][acc[2]] - r["metrics"][acc[1]]
+        for rs in groups.values()
+        for r in rs
+        if not never_trained(r)
+    ]
     if widths:
         lines.append(
             f"Interval widths are {min(widths):.3f}–{max(widths):.3f}: smaller accuracy "
@@ -546,6 +557,12 @@ def offline_findings(groups: Mapping[str, Sequence[Mapping[str, Any]]]) -> list[
             )
             + " A lower training loss is the paper's claim about the joint optimum; it says "
             "nothing by itself about held-out accuracy (compare the table)."
+        )
+    stuck = [f"{o} (seed {r['seed']})" for o, rs in groups.items() for r in rs if never_trained(r)]
+    if stuck:
+        lines.append(
+            f"Never trained: {', '.join(stuck)}: the loss was log 2 at every step, so no "
+            "gradient reached the policy (its held-out numbers are the reference's)."
         )
     for r in groups.get("tisdpo", []):
         spread = r.get("token_weights")

@@ -125,3 +125,28 @@ def test_bad_study_configs(tiny_config: Any, tmp_path: Path) -> None:
     bad.write_text("{not json")
     with pytest.raises(ConfigError, match="offline-dpo-s0.json: not a study point file"):
         study_stage.run(cfg, None, report_only=True)  # type: ignore[arg-type]
+
+
+def test_a_point_that_never_trained_is_reported_as_such() -> None:
+    """A loss of log 2 at every step (a zero margin: e.g. SparsePO's learned masks all 0) is
+    named in the findings, and its degenerate interval does not count as a resolution."""
+    import math
+
+    from pipeline import study
+
+    def point(seed: int, losses: list[float], low: float, high: float) -> dict[str, Any]:
+        metrics = {
+            "heldout_accuracy": (low + high) / 2,
+            "heldout_accuracy_low": low,
+            "heldout_accuracy_high": high,
+            "likelihood_displacement": False,
+            "chosen_shift": 0.0,
+        }
+        return {"seed": seed, "training": {"loss": losses}, "metrics": metrics}
+
+    stuck = point(1, [math.log(2)] * 4, 0.5, 0.5)
+    moving = point(0, [math.log(2), 0.6, 0.5, 0.4], 0.6, 0.75)
+    assert study.never_trained(stuck) and not study.never_trained(moving)
+    lines = study.offline_findings({"sparsepo": [moving, stuck]})
+    assert any(x.startswith("Never trained: sparsepo (seed 1)") for x in lines), lines
+    assert any("Interval widths are 0.150–0.150" in x for x in lines), lines
