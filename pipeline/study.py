@@ -605,6 +605,12 @@ def online_findings(groups: Mapping[str, Sequence[Mapping[str, Any]]]) -> list[s
                 "reward alone does not separate them; compare KL: higher reward at a higher "
                 "KL is a different trade-off, not a better objective)."
             )
+    stuck = [f"{o} (seed {r['seed']})" for o, rs in groups.items() for r in rs if never_trained(r)]
+    if stuck:
+        lines.append(
+            f"Never trained: {', '.join(stuck)}: the loss was log 2 at every step, so the "
+            "policy is the reference (its KL is sampling noise around 0)."
+        )
     kls = {o: _mean([r["metrics"]["kl"] for r in rs]) for o, rs in groups.items()}
     known = {o: k for o, k in kls.items() if k is not None}
     if len(known) > 1:

@@ -150,3 +150,13 @@ def test_a_point_that_never_trained_is_reported_as_such() -> None:
     lines = study.offline_findings({"sparsepo": [moving, stuck]})
     assert any(x.startswith("Never trained: sparsepo (seed 1)") for x in lines), lines
     assert any("Interval widths are 0.150–0.150" in x for x in lines), lines
+    online = {
+        "seed": 0,
+        "training": {"loss": [math.log(2)] * 3},
+        "metrics": {"reward_ci_low": 0.1, "reward_ci_high": 0.2, "baseline_reward_mean": 0.15,
+                    "kl": 0.0},
+    }  # fmt: skip
+    assert any(
+        x.startswith("Never trained: sparsepo (seed 0)")
+        for x in study.online_findings({"sparsepo": [online]})
+    )
