@@ -212,7 +212,10 @@ def stage_main(stage: str, run: StageFn, argv: list[str] | None = None) -> None:
     tracking.mark_started(stage)
     if args.verbose:
         os.environ[console_mod.VERBOSE_ENV] = "1"
-    if argv is None or _started_as_stage_module():  # not a call from Python (e.g. a test's)
+    # A command line, not a call from Python (e.g. a test's): chains such as frontier and study
+    # pass on the arguments they did not use, so ``argv`` alone does not tell.
+    from_command_line = argv is None or _started_as_stage_module()
+    if from_command_line:
         command_line()
     try:
         cfg = load_config(args.config, args.overrides)
@@ -241,7 +244,7 @@ def stage_main(stage: str, run: StageFn, argv: list[str] | None = None) -> None:
         # folder and models build in a temp folder removed on failure.
         print(_disk_error_line(stage, e, code, cfg), file=console)
         sys.exit(2)
-    if argv is None:  # a command-line run (not a call from Python): the process ends here
+    if from_command_line:  # the process ends here
         exit_cleanly(0)
 
 

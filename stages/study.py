@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import study, tracking
-from pipeline.cli import exit_cleanly, progress_as_lines, stage_main
+from pipeline.cli import stage_main
 from pipeline.config import RunConfig
 from pipeline.console import console
 from pipeline.frontier import share_outputs
@@ -177,8 +177,6 @@ def main(argv: list[str] | None = None) -> None:
     command = shlex.join(["python", "-m", "stages.study", *args])
     if known.points and "--points" not in args:
         command = f"STUDY_POINTS={shlex.quote(known.points)} {command}"
-    if argv is None:  # a command line: progress as lines in logs, and the end as stage_main's
-        progress_as_lines()
     stage_main(
         "study",
         lambda cfg, store, force: run(
@@ -186,8 +184,6 @@ def main(argv: list[str] | None = None) -> None:
         ),
         rest,
     )
-    if argv is None:
-        exit_cleanly(0)
 
 
 if __name__ == "__main__":
