@@ -9,6 +9,7 @@ match to 2^-7 relative.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -24,7 +25,10 @@ from pipeline.objectives import (
     available_objectives,
     make_objective,
     objective_hyperparameters,
+    validate_batch,
 )
+from pipeline.objectives.batch import SIDE_FIELDS, SIDES, field_names
+from tests.host_reads import HostReadCounter
 
 
 @pytest.fixture(autouse=True)
@@ -752,3 +756,17 @@ def test_bad_names_and_hyperparameters_raise() -> None:
         make_objective("mi-dpo", prior=[{"type": "sequence_kl", "alpha": 1.0}])
     with pytest.raises(ValueError, match="marginal_source"):
         make_objective("marginal", marginal_source="ema")
+
+
+def test_validating_a_valid_batch_reads_the_device_once() -> None:
+    inputs = make_inputs(26)
+    for side in SIDES:  # 4-D activations [B, T, L, H]; non-bool (0/1) masks take the value check
+        inputs[f"{side}_ref_hidden"] = inputs[f"{side}_ref_hidden"].reshape(5, -1, 2, 4)
+        inputs[f"{side}_mask"] = inputs[f"{side}_mask"].float()
+        inputs[f"{side}_marginal_mask"] = inputs[f"{side}_marginal_mask"].long()
+    batch, _ = to_batch(inputs, torch.float32)
+    assert all(getattr(batch, f.name) is not None for f in dataclasses.fields(PairBatch))
+    counter = HostReadCounter()
+    with counter:
+        validate_batch(batch, field_names(SIDE_FIELDS), "mi-dpo")
+    assert len(counter.reads) == 1, counter.reads

@@ -95,10 +95,20 @@ class PairBatch:
         return PairBatch(**moved)
 
 
-def _as_bool_mask(mask: Tensor, name: str) -> Tensor:
+def _holds(condition: Tensor, deferred: list[Tensor] | None) -> bool:
+    """Whether the 0-dim bool `condition` is True. With a `deferred` list, the read is left for
+    later (the condition is appended and taken to hold), so one read covers a whole batch: on a
+    GPU each read stalls the queue."""
+    if deferred is None:
+        return bool(condition)
+    deferred.append(condition)
+    return True
+
+
+def _as_bool_mask(mask: Tensor, name: str, deferred: list[Tensor] | None = None) -> Tensor:
     if mask.dtype == torch.bool:
         return mask
-    if mask.is_complex() or bool(((mask != 0) & (mask != 1)).any()):
+    if mask.is_complex() or not _holds(~((mask != 0) & (mask != 1)).any(), deferred):
         raise ValueError(f"{name}: expected a bool mask (or 0/1 values), got other values")
     return mask != 0
 
@@ -117,14 +127,13 @@ def _check_tensor(value: object, name: str) -> Tensor:
     return value
 
 
-def _check_finite(value: Tensor, mask: Tensor, name: str) -> None:
-    # Only response positions count: padding may hold anything, it is never read.
-    if value.dim() > mask.dim():
-        selected = value[mask]
-    else:
-        selected = value.masked_select(mask)
-    if not bool(torch.isfinite(selected).all()):
-        bad = int((~torch.isfinite(selected)).sum())
+def _check_finite(value: Tensor, mask: Tensor, name: str, deferred: list[Tensor] | None) -> None:
+    # Only response positions count: padding may hold anything, it is never read. The [B, T] mask
+    # covers the trailing dims of [B, T, H] / [B, T, L, H] values.
+    mask = mask.reshape(mask.shape + (1,) * (value.dim() - mask.dim()))
+    nonfinite = ~torch.isfinite(value) & mask
+    if not _holds(~nonfinite.any(), deferred):
+        bad = int(nonfinite.sum())
         raise ValueError(
             f"{name}: {bad} NaN/inf value(s) at response positions; expected finite values "
             "wherever the mask is True"
@@ -138,6 +147,24 @@ def validate_batch(batch: PairBatch, requires: Iterable[str] = (), objective: st
     response token on each side, that every field in `requires` is present, and that no value at
     a response position is NaN or inf.
     """
+    required = sorted(requires)
+    # A first pass defers every value check and reads them all at once: a valid batch costs one
+    # device read. On any failure, a second pass runs the checks in order and reports the first
+    # problem, so a value problem still takes precedence over a later shape problem.
+    deferred: list[Tensor] = []
+    try:
+        _validate(batch, required, objective, deferred)
+        valid = bool(torch.stack(deferred).all())
+    except Exception:  # whatever went wrong, the ordered pass reports it
+        valid = False
+    if not valid:
+        _validate(batch, required, objective, None)
+
+
+def _validate(
+    batch: PairBatch, required: list[str], objective: str, deferred: list[Tensor] | None
+) -> None:
+    """The checks of `validate_batch`; value checks go through `_holds` (see there)."""
     who = f"objective {objective!r}: " if objective else ""
     sides = {}
     for side in SIDES:
@@ -152,22 +179,23 @@ def validate_batch(batch: PairBatch, requires: Iterable[str] = (), objective: st
                 f"{side}_mask: expected shape {tuple(logps.shape)} (as {side}_logps), "
                 f"got {tuple(mask.shape)}"
             )
-        sides[side] = (logps, _as_bool_mask(mask, f"{side}_mask"))
+        sides[side] = (logps, _as_bool_mask(mask, f"{side}_mask", deferred))
     if sides["chosen"][0].shape[0] != sides["rejected"][0].shape[0]:
         raise ValueError(
             "rejected_logps: expected the same batch size as chosen_logps "
             f"({sides['chosen'][0].shape[0]}), got {sides['rejected'][0].shape[0]}"
         )
     for side, (logps, mask) in sides.items():
-        empty = (~mask.any(dim=1)).nonzero().flatten().tolist()
-        if empty:
+        has_token = mask.any(dim=1)
+        if not _holds(has_token.all(), deferred):
+            empty = (~has_token).nonzero().flatten().tolist()
             raise ValueError(
                 f"{side}_mask: pair(s) {empty} have no response token; expected at least one "
                 "True per row (drop empty responses before training)"
             )
-        _check_finite(logps, mask, f"{side}_logps")
+        _check_finite(logps, mask, f"{side}_logps", deferred)
 
-    for name in sorted(requires):
+    for name in required:
         if getattr(batch, name) is None:
             generic = next(k for k, names in SIDE_FIELDS.items() if name in names)
             raise ValueError(f"{who}{name} is required ({FIELD_DESCRIPTIONS[generic]}) but is None")
@@ -191,10 +219,10 @@ def validate_batch(batch: PairBatch, requires: Iterable[str] = (), objective: st
                     f"got {tuple(value.shape)}"
                 )
             if generic == "marginal_mask":
-                marginal = _as_bool_mask(value, name)
-                if bool((marginal & ~mask).any()):
+                marginal = _as_bool_mask(value, name, deferred)
+                if not _holds(~(marginal & ~mask).any(), deferred):
                     raise ValueError(f"{name}: expected a subset of {side}_mask")
                 continue
             if not value.is_floating_point():
                 raise ValueError(f"{name}: expected a floating tensor, got {value.dtype}")
-            _check_finite(value, mask, name)
+            _check_finite(value, mask, name, deferred)
