@@ -676,6 +676,30 @@ def test_precisions_and_zero_configs(sweep: dict[str, Any]) -> None:
     assert sweep["variants"]["dpo_bf16"]["export_check"]["max_abs_diff"] < 1e-3
     bf16 = sweep["variants"]["dpo_bf16"]["history"]
     assert bf16[-1]["loss"] == pytest.approx(fp32[-1]["loss"], abs=0.02)
+    zero1 = sweep["variants"]["dpo_bf16_zero1"]["history"]
+    for a, b in zip(zero1, fp32, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], abs=0.02)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=0.05)
+
+
+def test_bf16_optimizer_steps_without_a_host_read_per_parameter(sweep: dict[str, Any]) -> None:
+    """ZeRO-0 in bf16 takes DeepSpeed's fp16 path, which reads every parameter's overflow flag
+    back to the host; the bf16 optimizer (ZeRO-1, a GPU's choice) reads a handful a step. On a
+    GPU each read waits for the queue to drain."""
+    zero0, zero1 = sweep["host_reads"]["zero0"], sweep["host_reads"]["zero1"]
+    assert zero0["reads"] >= zero0["params"] > zero1["reads"]
+    assert zero1["reads"] <= 12, zero1
+
+
+def test_bf16_optimizer_resumes_exactly(sweep: dict[str, Any]) -> None:
+    """ZeRO-1 in bf16 (fp32 master weights and gradients, partitioned over 2 ranks): a run
+    resumed from its step-2 checkpoint repeats the uninterrupted run's steps 3 and 4."""
+    check = sweep["bf16_zero1_resume"]
+    assert check["resumed_from"] == 2
+    assert [h["step"] for h in check["resumed"]] == [3, 4]
+    for a, b in zip(check["resumed"], check["whole"][2:], strict=True):
+        for key in ("loss", "grad_norm", "rewards/margins"):
+            assert a[key] == b[key], (a["step"], key)
 
 
 def test_gradient_accumulation_invariance(sweep: dict[str, Any]) -> None:
@@ -737,6 +761,57 @@ def _worker_plan(cfg: RunConfig, store: RunStore, world: int, **train: Any) -> A
     )
 
 
+def _resume_check(
+    cfg: RunConfig, store: RunStore, ranks: distributed.Ranks, changes: dict[str, Any]
+) -> dict[str, Any]:
+    """4 steps with checkpoints at 2 and 4; the step-4 checkpoint removed, the same plan resumed
+    from step 2: {"whole": its history, "resumed_from", "resumed": the resumed history}."""
+    changes = {**changes, "max_steps": 4, "checkpoint_every": 2, "lr_scheduler": "constant"}
+
+    def fit() -> Any:
+        plan = _worker_plan(cfg, store, ranks.world_size, **changes)
+        plan.checkpoints = True
+        trainer = training.Trainer(plan, ranks)
+        try:
+            trainer.build()
+            return plan, trainer.fit()
+        finally:
+            trainer.close()
+
+    plan, whole = fit()
+    if ranks.is_main:
+        shutil.rmtree(plan.checkpoint_dir / "step4")
+        (plan.checkpoint_dir / "latest.json").unlink()
+    distributed.barrier()
+    _, resumed = fit()
+    return {
+        "whole": whole.history,
+        "resumed_from": resumed.resumed_from,
+        "resumed": resumed.history,
+    }
+
+
+def _host_reads(
+    cfg: RunConfig, store: RunStore, ranks: distributed.Ranks, **changes: Any
+) -> dict[str, int]:
+    """Host reads during one optimizer step (after a first one: lazy optimizer state), and the
+    number of parameter tensors."""
+    from tests.host_reads import HostReadCounter
+
+    plan = _worker_plan(cfg, store, ranks.world_size, max_steps=2, **changes)
+    trainer = training.Trainer(plan, ranks)
+    try:
+        trainer.build()
+        trainer.engines.policy.train()
+        trainer.step(0)
+        counter = HostReadCounter()
+        with counter:
+            trainer.step(1)
+        return {"reads": len(counter.reads), "params": len(list(trainer.engines.lm.parameters()))}
+    finally:
+        trainer.close()
+
+
 def _sweep_worker(root: str, cache: str, name: str, out: str) -> None:
     from pipeline.objectives import available_objectives
 
@@ -777,6 +852,14 @@ def _sweep_worker(root: str, cache: str, name: str, out: str) -> None:
     variants = {
         "dpo_live": {"reference": "live"},
         "dpo_bf16": {"precision": "bf16", "export": True},
+        # DeepSpeed's bf16 optimizer (what auto picks for bf16 where nothing needs partitioning;
+        # here its optimizer state is split over the 2 ranks), accumulating in fp32
+        "dpo_bf16_zero1": {
+            "precision": "bf16",
+            "ds_config": "ds_configs/zero1.json",
+            "per_device_batch_size": 1,
+            "gradient_accumulation_steps": 2,
+        },
         "dpo_gradient_checkpointing": {"gradient_checkpointing": True},
         "dpo_zero2": {"ds_config": "ds_configs/zero2.json"},
         "dpo_zero3_offload": {"ds_config": "ds_configs/zero3_offload.json"},
@@ -785,6 +868,11 @@ def _sweep_worker(root: str, cache: str, name: str, out: str) -> None:
     }
     for variant, changes in variants.items():
         report["variants"][variant] = train(**changes)
+    report["bf16_zero1_resume"] = _resume_check(cfg, store, ranks, variants["dpo_bf16_zero1"])
+    report["host_reads"] = {
+        name: _host_reads(cfg, store, ranks, precision="bf16", ds_config=f"ds_configs/{name}.json")
+        for name in ("zero0", "zero1")
+    }
 
     # Absurd but finite reference log-probs (+3e38 on 12 tokens) overflow the loss to inf.
     plan = _worker_plan(cfg, store, world, checkpoint_every=1, max_steps=None, epochs=1)

@@ -5,12 +5,12 @@ the devices the ranks are about to use.
 
 The memory estimate per device (bytes): model states are 16 per parameter under AdamW (bf16
 weights 2 + gradients 2 + fp32 master weights 4 + two moments 8; fp32 training: 4 + 4 + 8), a
-live frozen reference adds its weights; ZeRO-2 divides gradients and optimizer state by the world
-size, ZeRO-3 also the weights. Activations: the usual transformer estimate (Korthikanti et al.
-2022, 34·h + 5·a·s bytes per token and layer at 16 bits; 34·h with a fused attention kernel on
-a GPU), two layer inputs per token and layer with checkpointing. Logits kept for backward
-(``train.recompute_logits`` off): LOGIT_BYTES per response token and vocabulary entry. Explicit
-settings always win.
+live frozen reference adds its weights. ZeRO-1 as chosen for bf16 (DeepSpeed's bf16 optimizer)
+accumulates gradients in fp32 (4) and divides master weights and moments by the world size;
+ZeRO-2 divides gradients and optimizer state, ZeRO-3 also the weights. Activations: the usual
+transformer estimate (Korthikanti et al. 2022, 34·h + 5·a·s bytes per token and layer at 16
+bits; 34·h with a fused attention kernel on a GPU), two layer inputs per token and layer with
+checkpointing. Explicit settings always win.
 """
 
 from __future__ import annotations
@@ -27,13 +27,11 @@ from typing import Any
 from pipeline.config import TrainConfig
 from pipeline.training.errors import TrainingError
 
-STATE_BYTES_PER_PARAM = 16  # AdamW: weights, gradients, master weights, two moments
-# Kept logits (model dtype, 2) + a float32 reference log-prob copy for KL objectives (4) per
-# response token and vocabulary entry.
-LOGIT_BYTES = 6
+WEIGHT_BYTES, GRADIENT_BYTES, OPTIMIZER_BYTES = 2, 2, 12  # bf16; fp32 master + AdamW moments
 HEADROOM = 0.8  # fraction of free memory a plan may fill (allocator fragmentation, buffers)
 DS_CONFIGS = {  # ZeRO stage -> the repository's config for it
     0: "ds_configs/zero0.json",
+    1: "ds_configs/zero1.json",
     2: "ds_configs/zero2.json",
     3: "ds_configs/zero3.json",
     "offload": "ds_configs/zero3_offload.json",
@@ -72,7 +70,6 @@ class ModelSize:
     hidden: int
     layers: int
     heads: int
-    vocab: int = 32000
 
     @classmethod
     def of(cls, folder: Path) -> ModelSize:
@@ -81,8 +78,7 @@ class ModelSize:
         hidden = int(text.get("hidden_size") or 1024)
         layers = int(text.get("num_hidden_layers") or 1)
         heads = int(text.get("num_attention_heads") or 1)
-        vocab = int(text.get("vocab_size") or 32000)
-        return cls(count_parameters(folder, text, hidden, layers), hidden, layers, heads, vocab)
+        return cls(count_parameters(folder, text, hidden, layers), hidden, layers, heads)
 
 
 def count_parameters(folder: Path, text: dict[str, Any], hidden: int, layers: int) -> int:
@@ -108,12 +104,17 @@ def count_parameters(folder: Path, text: dict[str, Any], hidden: int, layers: in
 
 def state_bytes(params: int, stage: int, world: int, reference: bool) -> float:
     """Model states per device under ZeRO ``stage`` (``reference``: a live frozen copy)."""
-    weights, rest = 2.0 * params, (STATE_BYTES_PER_PARAM - 2.0) * params
+    weights, gradients = float(WEIGHT_BYTES * params), float(GRADIENT_BYTES * params)
+    optimizer = float(OPTIMIZER_BYTES * params)
+    if stage == 1:
+        gradients *= 2  # the bf16 optimizer accumulates them in fp32
+    if stage >= 1:
+        optimizer /= world
     if stage >= 2:
-        rest /= world
+        gradients /= world
     if stage >= 3:
         weights /= world
-    return weights + rest + (weights if reference else 0.0)
+    return weights + gradients + optimizer + (weights if reference else 0.0)
 
 
 def activation_bytes(
@@ -210,7 +211,8 @@ def choose(
         stage = zero_stage_of(ds_config)
         reasons.append("ds_config set")
     else:
-        stage, why = choose_stage(size.params, world_size, accelerator, live_reference, free)
+        bf16 = train.precision == "bf16"
+        stage, why = choose_stage(size.params, world_size, accelerator, live_reference, free, bf16)
         ds_config = DS_CONFIGS[stage]
         reasons.append(why)
     numeric_stage = 3 if stage == "offload" else int(stage)
@@ -235,31 +237,13 @@ def choose(
         )
     layout, why_layout = choose_layout(train, accelerator, attention)
     reasons.append(why_layout)
-    kept = activation_bytes(size, tokens, max_length, checkpointing, fused_attention=fused)
-    recompute, why_logits = choose_recompute_logits(
-        train, accelerator, size.vocab * LOGIT_BYTES * tokens, states + kept, free
+    recompute = train.recompute_logits is not False
+    reasons.append(
+        "logits recomputed in backward"
+        if train.recompute_logits == "auto"
+        else f"recompute_logits set ({str(recompute).lower()})"
     )
-    reasons.append(why_logits)
     return LaunchChoice(ds_config, checkpointing, attention, layout, "; ".join(reasons), recompute)
-
-
-def choose_recompute_logits(
-    train: TrainConfig, accelerator: str, logits: float, other: float, free: float
-) -> tuple[bool, str]:
-    """Whether the LM head recomputes its logits in backward, and why. On CPU RAM is what the
-    defaults save (docs/training.md, the CPU table); on a GPU a second head pass per step costs
-    more than the memory it saves whenever one micro-batch's logits (``logits`` bytes at most)
-    fit beside ``other`` (states and activations)."""
-    if train.recompute_logits != "auto":
-        return bool(train.recompute_logits), "recompute_logits set"
-    if accelerator == "cpu":
-        return True, "CPU: logits recomputed in backward (less RAM)"
-    fits = other + logits <= HEADROOM * free
-    gib = 2.0**30
-    return (not fits), (
-        f"logits ~{logits / gib:.2f} GiB {'fit' if fits else 'do not fit'}: "
-        f"{'kept for' if fits else 'recomputed in'} backward"
-    )
 
 
 def settings_choice(train: TrainConfig) -> LaunchChoice:
@@ -274,18 +258,31 @@ def settings_choice(train: TrainConfig) -> LaunchChoice:
 
 
 def choose_stage(
-    params: int, world: int, accelerator: str, reference: bool, free: float
+    params: int, world: int, accelerator: str, reference: bool, free: float, bf16: bool
 ) -> tuple[int | str, str]:
-    """The ZeRO stage: none while one device holds everything, then ZeRO-2 (optimizer state
-    and gradients partitioned), ZeRO-3 (weights too), ZeRO-3 with CPU offload."""
+    """The ZeRO stage: the lightest that fits, then ZeRO-2 (optimizer state and gradients
+    partitioned), ZeRO-3 (weights too), ZeRO-3 with CPU offload.
+
+    On a GPU the lightest is ZeRO-1 in bf16: it is how DeepSpeed gives bf16 weights its bf16
+    optimizer (fp32 master weights and gradient accumulation in flat buffers, one fused update).
+    ZeRO-0 in bf16 takes DeepSpeed's fp16 path instead, which checks every parameter's gradient
+    for overflow with a host sync each (272 a step for SmolLM2-135M), updates parameter by
+    parameter and accumulates gradients in bf16. On one rank ZeRO-1 partitions nothing.
+    """
     gib = 2.0**30
-    if world == 1:
-        return 0, "one rank: nothing to partition"
     if accelerator == "cpu":
-        # CPU ranks share one RAM: partitioning saves memory the ranks share; ZeRO-3 is the
-        # previous default, kept (docs/training.md, the CPU table).
+        # Every CPU op waits for its result anyway, and on 2 cores ZeRO-0 measured faster and
+        # leaner (docs/training.md, the CPU table). CPU ranks share one RAM: partitioning saves
+        # memory every rank shares; ZeRO-3 is the previous default, kept (the CPU table).
+        if world == 1:
+            return 0, "one CPU rank: nothing to partition"
         return 3, f"{world} CPU ranks share the host's RAM: ZeRO-3"
-    for stage in (0, 2, 3):
+    lightest = 1 if bf16 else 0
+    if world == 1:
+        return lightest, "one rank: nothing to partition" + (
+            "; bf16: ZeRO-1 for DeepSpeed's bf16 optimizer" if bf16 else ""
+        )
+    for stage in (lightest, 2, 3):
         need = state_bytes(params, stage, world, reference)
         if need <= HEADROOM * free:
             return stage, (
