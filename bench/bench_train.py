@@ -18,7 +18,11 @@ and summed over ranks). Measured:
 - model FLOPs utilisation against this machine's measured matmul peak (bf16 and fp32).
 
 Tokens are counted the same way for both trainers: both sequences of every pair, the prompt
-twice (the shared-prompt layout does less work for the same tokens; that is its gain).
+twice (the shared-prompt layout does less work for the same tokens; that is its gain). tokens/s:
+measured tokens over the sum of the measured steps' times (TRL's step starts after its dataloader
+has collated the batch and ends before its logging; ours includes collation and the metrics);
+wall: over the time between the ends of the last warm-up step and the last step (everything
+each trainer does, the same clock for both). On a GPU both clocks wait for the device's work.
 
 Model FLOPs per token: 6 x params for the policy (forward + backward) + 2 x params for a live
 reference forward; recomputation from gradient checkpointing is not counted (MFU convention).
@@ -285,6 +289,8 @@ def ours_worker(spec: dict[str, Any]) -> None:
         export=False,
         checkpoints=False,
     )
+    ends: list[float] = []  # each step's end: after its metrics' read, so the device is done
+    plan.log = lambda step, metrics: ends.append(time.perf_counter())
     trainer = training.Trainer(plan, ranks)
     trainer.build()
     if spec.get("profile"):
@@ -299,6 +305,7 @@ def ours_worker(spec: dict[str, Any]) -> None:
                 {
                     "tokens": len(warm) * spec["batch"] * spec["tokens_per_pair"],
                     "seconds": sum(h["step_time_s"] for h in warm),
+                    "wall_seconds": ends[-1] - ends[spec["warmup"] - 1],
                     "peak_rss_mb": sum(rss),
                     "rss_per_rank_mb": rss,
                     "peak_gpu_gib": peak_gpu_gib(),
@@ -314,18 +321,35 @@ def ours_worker(spec: dict[str, Any]) -> None:
 
 
 def profiled_fit(trainer: Any, out: Path) -> Any:
-    """trainer.fit() under torch.profiler: the 30 costliest operators (device time first) to
+    """trainer.fit() under torch.profiler: a line of per-step totals (device busy time against
+    the wall clock, kernel launches, host syncs and reads: what says whether the step is bound
+    by the device or by the host), then the 30 costliest operators (device time first) to
     ``out``; the row's speed is then not comparable (the profiler adds its own cost)."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    activities = [ProfilerActivity.CPU]
-    if torch.cuda.is_available():
-        activities.append(ProfilerActivity.CUDA)
+    cuda = torch.cuda.is_available()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    started = time.perf_counter()
     with profile(activities=activities) as prof:
         result = trainer.fit()
-    key = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
-    out.write_text(prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=60))
+    wall = time.perf_counter() - started
+    table = prof.key_averages()
+
+    def calls(*names: str) -> int:
+        return sum(e.count for e in table if e.key in names)
+
+    steps = max(1, len(result.history))
+    device_s = sum(getattr(e, "self_device_time_total", 0.0) for e in table) / 1e6
+    head = (
+        f"per step, over {steps} profiled steps: wall {wall / steps:.4f} s, device busy "
+        f"{device_s / steps:.4f} s, kernel launches {calls('cudaLaunchKernel') / steps:.0f}, "
+        f"syncs {calls('cudaStreamSynchronize', 'cudaDeviceSynchronize') / steps:.0f}, host "
+        f"reads {calls('aten::_local_scalar_dense') / steps:.0f}, aten ops "
+        f"{sum(e.count for e in table if e.key.startswith('aten::')) / steps:.0f}\n"
+    )
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    out.write_text(head + table.table(sort_by=key, row_limit=30, max_name_column_width=60))
     return result
 
 
@@ -353,7 +377,7 @@ def trl_worker(spec: dict[str, Any]) -> None:
     class Clock(TrainerCallback):  # type: ignore[misc]
         def on_step_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
             sync()
-            self.t = time.perf_counter()
+            self.t = time.perf_counter()  # after its batch is collated (TRL's dataloader)
 
         def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
             sync()
@@ -409,6 +433,7 @@ def trl_worker(spec: dict[str, Any]) -> None:
                 {
                     "tokens": len(warm) * spec["batch"] * spec["tokens_per_pair"],
                     "seconds": sum(b - a for a, b in warm),
+                    "wall_seconds": times[-1][1] - times[spec["warmup"] - 1][1],
                     "peak_rss_mb": sum(rss),
                     "rss_per_rank_mb": rss,
                     "peak_gpu_gib": peak_gpu_gib(),
@@ -542,8 +567,8 @@ def cpu_configs(quick: bool) -> list[Row]:
         ("ours", "bf16 default, 1 proc", {"precision": "bf16", "reference": "auto"}, 1),
         (
             "ours",
-            "bf16 default but ZeRO-0, 1 proc",
-            {"precision": "bf16", "reference": "auto", "ds_config": "ds_configs/zero0.json"},
+            "bf16 default but ZeRO-1 (a GPU's choice), 1 proc",
+            {"precision": "bf16", "reference": "auto", "ds_config": "ds_configs/zero1.json"},
             1,
         ),
         (
@@ -572,11 +597,12 @@ def gpu_configs() -> list[Row]:
         ("trl", "TRL live ref, checkpointing", bf16, 1),
         ("ours", "ours default, precomputed ref", {**bf16, "reference": "auto"}, 1),
         ("ours", "ours default, live ref", live, 1),
+        ("ours", "ours default but ZeRO-0 (bf16 on DeepSpeed's fp16 path)", {**bf16, "reference": "auto", "ds_config": "ds_configs/zero0.json"}, 1),
         ("ours", "profile: ours default, live ref", {**live, "profile": True}, 1),
         ("ours", "ours live ref, flex packed", {**live, **flex, "layout": "packed"}, 1),
         ("ours", "ours live ref, flex shared prompt", {**live, **flex, "layout": "shared_prompt"}, 1),
         ("ours", "ours default, live ref, checkpointing", {**live, "gradient_checkpointing": True}, 1),
-        ("ours", "ours live ref, logits recomputed", {**live, "recompute_logits": True}, 1),
+        ("ours", "ours live ref, logits kept for backward", {**live, "recompute_logits": False}, 1),
         ("ours", "ours live ref, ZeRO-3 (the old default)", {**live, "ds_config": "ds_configs/zero3.json", "gradient_checkpointing": False}, 1),
     ]  # fmt: skip
 
@@ -617,6 +643,8 @@ def main() -> None:
     )
     ap.add_argument("--worker", nargs=2, metavar=("KIND", "SPEC"), help=argparse.SUPPRESS)
     a = ap.parse_args()
+    if a.warmup < 1:
+        ap.error("--warmup: at least 1 (the wall clock starts at the end of the last warm-up step)")
     if a.worker:
         spec = json.loads(Path(a.worker[1]).read_text())
         (ours_worker if a.worker[0] == "ours" else trl_worker)(spec)
@@ -694,6 +722,7 @@ def main() -> None:
                 if "profile" in r:
                     print(f"  {name}: operators by device time\n{r.pop('profile')}", flush=True)
                 r["tokens_per_s"] = r["tokens"] / r["seconds"]
+                r["wall_tokens_per_s"] = r["tokens"] / r["wall_seconds"]
                 r["rank_rss_mb"] = max(r.get("rss_per_rank_mb", [r["peak_rss_mb"]]))
                 live = kind == "trl" or changes.get("reference") == "live"
                 flops = (6 + (2 if live else 0)) * params * r["tokens_per_s"] / 1e9
@@ -703,7 +732,8 @@ def main() -> None:
                 if r.get("peak_gpu_gib") is not None:
                     r["peak_rss_mb"] = r["rank_rss_mb"] = 1024 * r["peak_gpu_gib"]  # GPU memory
                 print(
-                    f"  {name:32s} {r['tokens_per_s']:6.1f} tokens/s  peak RSS "
+                    f"  {name:32s} {r['tokens_per_s']:6.1f} tokens/s "
+                    f"(wall {r['wall_tokens_per_s']:6.1f})  peak RSS "
                     f"{r['peak_rss_mb']:5.0f} MB (largest process {r['rank_rss_mb']:5.0f} MB)  "
                     f"MFU {100 * r['mfu']:4.1f}%  [{r['wall_s']:.0f} s, load {r['load_average']:.1f}]",
                     flush=True,
@@ -736,7 +766,10 @@ def report(results: dict[str, dict[str, Any]]) -> None:
         if x not in results or y not in results:
             return
         rx, ry = results[x], results[y]
-        text = f"  {label:52s} {rx['tokens_per_s'] / ry['tokens_per_s']:5.2f}x tokens/s"
+        text = (
+            f"  {label:52s} {rx['tokens_per_s'] / ry['tokens_per_s']:5.2f}x tokens/s "
+            f"({rx['wall_tokens_per_s'] / ry['wall_tokens_per_s']:4.2f}x wall)"
+        )
         if memory:
             text += (
                 f", {rx['peak_rss_mb'] / ry['peak_rss_mb']:4.2f}x peak RSS (sum),"
