@@ -232,7 +232,14 @@ def ours_worker(spec: dict[str, Any]) -> None:
     # Rows that name no setting get the stage's default ("auto", resolved by training.choose).
     settings = {
         k: spec[k]
-        for k in ("ds_config", "gradient_checkpointing", "layout", "attention", "recompute_logits")
+        for k in (
+            "ds_config",
+            "gradient_checkpointing",
+            "layout",
+            "attention",
+            "recompute_logits",
+            "compile",
+        )
         if k in spec
     }
     tc = TrainConfig(
@@ -567,6 +574,12 @@ def cpu_configs(quick: bool) -> list[Row]:
         ("ours", "bf16 default, 1 proc", {"precision": "bf16", "reference": "auto"}, 1),
         (
             "ours",
+            "bf16 compiled blocks, 1 proc",
+            {"precision": "bf16", "reference": "auto", "compile": True},
+            1,
+        ),
+        (
+            "ours",
             "bf16 default but ZeRO-1 (a GPU's choice), 1 proc",
             {"precision": "bf16", "reference": "auto", "ds_config": "ds_configs/zero1.json"},
             1,
@@ -592,16 +605,18 @@ def gpu_configs() -> list[Row]:
     bf16 = {"precision": "bf16"}
     live = {**bf16, "reference": "live"}
     flex = {"attention": "flex_attention"}
+    # Most telling first: the run's time box may cut the last rows.
     return [
         ("trl", "TRL live ref, no checkpointing", {**bf16, "gradient_checkpointing": False}, 1),
-        ("trl", "TRL live ref, checkpointing", bf16, 1),
         ("ours", "ours default, precomputed ref", {**bf16, "reference": "auto"}, 1),
-        ("ours", "ours default, live ref", live, 1),
         ("ours", "ours default but ZeRO-0 (bf16 on DeepSpeed's fp16 path)", {**bf16, "reference": "auto", "ds_config": "ds_configs/zero0.json"}, 1),
+        ("ours", "ours compiled blocks, precomputed ref", {**bf16, "reference": "auto", "compile": True}, 1),
         ("ours", "profile: ours default, live ref", {**live, "profile": True}, 1),
+        ("ours", "ours default, live ref", live, 1),
+        ("trl", "TRL live ref, checkpointing", bf16, 1),
+        ("ours", "ours default, live ref, checkpointing", {**live, "gradient_checkpointing": True}, 1),
         ("ours", "ours live ref, flex packed", {**live, **flex, "layout": "packed"}, 1),
         ("ours", "ours live ref, flex shared prompt", {**live, **flex, "layout": "shared_prompt"}, 1),
-        ("ours", "ours default, live ref, checkpointing", {**live, "gradient_checkpointing": True}, 1),
         ("ours", "ours live ref, logits kept for backward", {**live, "recompute_logits": False}, 1),
         ("ours", "ours live ref, ZeRO-3 (the old default)", {**live, "ds_config": "ds_configs/zero3.json", "gradient_checkpointing": False}, 1),
     ]  # fmt: skip

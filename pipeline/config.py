@@ -269,6 +269,11 @@ class TrainConfig(Section):
     # from the forward (one head pass less per step). "auto": recomputed, on a GPU too: keeping
     # them gave no measurable speed on an H200 for 0.9 GiB more (docs/training.md, GPU table).
     recompute_logits: bool | Literal["auto"] = "auto"
+    # torch.compile each transformer block (one graph shared by all blocks: the norms, rotary and
+    # MLP elementwise ops fused; the first steps pay the compile, a new sequence length once
+    # more). Off until measured on a GPU (docs/training.md); not with ZeRO-3, whose hooks gather
+    # each block's weights. Needs Triton and a C compiler on a GPU, a C++ compiler on CPU.
+    compile: bool = False
     # The marginal prior model takes one maximum-likelihood step after every this many policy
     # steps (objective "marginal" with its prompt-free model).
     marginal_prior_every: int = Field(1, ge=1)

@@ -387,7 +387,12 @@ def test_bad_input_fails_before_any_rank_starts(pairs_root: dict[str, Any]) -> N
     )
     with pytest.raises(ConfigError, match=r"needs the reference's full distribution"):
         run_stage(live_only, "train")
-    for run in ("empty", "contradicting", "live-only"):  # nothing was launched
+    compiled = run_with_pairs(
+        pairs_root, "compiled", "train.compile=true", "train.ds_config=ds_configs/zero3.json"
+    )
+    with pytest.raises(ConfigError, match=r"train.compile: not with ZeRO-3"):
+        run_stage(compiled, "train")
+    for run in ("empty", "contradicting", "live-only", "compiled"):  # nothing was launched
         assert not (pairs_root["root"] / run / ".train.scratch").exists()
 
 
@@ -669,9 +674,11 @@ def test_precisions_and_zero_configs(sweep: dict[str, Any]) -> None:
         losses = [h["loss"] for h in sweep["variants"][name]["history"]]
         assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0], name
     fp32 = sweep["objectives"]["dpo"]["history"]
-    for name in ("dpo_zero2", "dpo_zero3_offload", "dpo_gradient_checkpointing"):  # same maths
+    same_maths = ("dpo_zero2", "dpo_zero3_offload", "dpo_gradient_checkpointing", "dpo_compiled")
+    for name in same_maths:
         for a, b in zip(sweep["variants"][name]["history"], fp32, strict=True):
             assert a["loss"] == pytest.approx(b["loss"], abs=1e-5), name
+    assert sweep["variants"]["dpo_compiled"]["export_check"]["max_abs_diff"] < 1e-4
     # bf16 export reproduces the engine (its rotary frequencies are float32 in both)
     assert sweep["variants"]["dpo_bf16"]["export_check"]["max_abs_diff"] < 1e-3
     bf16 = sweep["variants"]["dpo_bf16"]["history"]
@@ -823,11 +830,12 @@ def _sweep_worker(root: str, cache: str, name: str, out: str) -> None:
         shutil.rmtree(store.scratch_dir("train"), ignore_errors=True)
     distributed.barrier()
 
-    def train(export: bool = False, **changes: Any) -> dict[str, Any]:
+    def train(export: str = "", **changes: Any) -> dict[str, Any]:
         plan = _worker_plan(cfg, store, world, **{"max_steps": 3, **changes})
         if export:  # the Hugging Face folder, reloaded and compared with the engine
             plan.export = True
-            plan.output_dir = store.scratch_dir("train") / "export" if ranks.is_main else None
+            folder = store.scratch_dir("train") / "export" / export
+            plan.output_dir = folder if ranks.is_main else None
         trainer = training.Trainer(plan, ranks)
         started = time.time()
         try:
@@ -851,7 +859,7 @@ def _sweep_worker(root: str, cache: str, name: str, out: str) -> None:
         )
     variants = {
         "dpo_live": {"reference": "live"},
-        "dpo_bf16": {"precision": "bf16", "export": True},
+        "dpo_bf16": {"precision": "bf16", "export": "bf16"},
         # DeepSpeed's bf16 optimizer (what auto picks for bf16 where nothing needs partitioning;
         # here its optimizer state is split over the 2 ranks), accumulating in fp32
         "dpo_bf16_zero1": {
@@ -863,6 +871,12 @@ def _sweep_worker(root: str, cache: str, name: str, out: str) -> None:
         "dpo_gradient_checkpointing": {"gradient_checkpointing": True},
         "dpo_zero2": {"ds_config": "ds_configs/zero2.json"},
         "dpo_zero3_offload": {"ds_config": "ds_configs/zero3_offload.json"},
+        # blocks compiled: the same losses, and the exported folder (plain blocks) matches
+        "dpo_compiled": {
+            "compile": True,
+            "ds_config": "ds_configs/zero2.json",
+            "export": "compiled",
+        },
         "batch1_accum4": {"per_device_batch_size": 1, "gradient_accumulation_steps": 4},
         "batch4_accum1": {"per_device_batch_size": 4, "gradient_accumulation_steps": 1},
     }

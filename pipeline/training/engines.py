@@ -119,8 +119,10 @@ def load_lm(
     train: bool,
     gradient_checkpointing: bool,
     attention: str = "sdpa",
+    compile_blocks: bool = False,
 ) -> Any:
-    """A causal LM for an engine: trainable, or frozen in eval mode."""
+    """A causal LM for an engine: trainable, or frozen in eval mode; ``compile_blocks``: each
+    transformer block compiled (``train.compile``)."""
     from transformers import AutoModelForCausalLM
 
     lm = AutoModelForCausalLM.from_pretrained(
@@ -133,6 +135,13 @@ def load_lm(
     if not train:
         lm.requires_grad_(False)
         lm.eval()
+    if compile_blocks:
+        # Regional compilation: the blocks share one graph (their parameters are its inputs),
+        # so 30 blocks compile once, not 30 times, and the state dict keeps its names.
+        blocks = tuple(layer_classes(lm))
+        for module in lm.modules():
+            if isinstance(module, blocks):
+                module.compile()
     return lm
 
 
@@ -294,7 +303,14 @@ def build_engines(plan: TrainPlan) -> Engines:
         return torch.optim.lr_scheduler.LambdaLR(opt, schedule)
 
     launch = plan.launch
-    lm = load_lm(plan.policy_dir, plan.dtype, True, launch.gradient_checkpointing, launch.attention)
+    lm = load_lm(
+        plan.policy_dir,
+        plan.dtype,
+        True,
+        launch.gradient_checkpointing,
+        launch.attention,
+        t.compile,
+    )
     check_vocabulary(plan.data, int(lm.config.vocab_size))
     module = PolicyModule(lm, objective, t.token_chunk_size, launch.recompute_logits)
     # The objective's few prior parameters are gathered together when it is called.
@@ -320,7 +336,7 @@ def build_engines(plan: TrainPlan) -> Engines:
     )
 
     if plan.reference_mode == "live":
-        ref_lm = load_lm(plan.reference_dir, plan.dtype, False, False, launch.attention)
+        ref_lm = load_lm(plan.reference_dir, plan.dtype, False, False, launch.attention, t.compile)
         reference = ReferenceModule(ref_lm, t.token_chunk_size)
         if ds.get("zero_optimization", {}).get("stage", 0) == 3:
             # the weights stay partitioned: an inference engine gathers them layer by layer
@@ -337,7 +353,12 @@ def build_engines(plan: TrainPlan) -> Engines:
         # Lemma 1's prior: a prompt-free copy of the reference, fitted to the policy's
         # responses by maximum likelihood with its own optimizer.
         m_lm = load_lm(
-            plan.reference_dir, plan.dtype, True, launch.gradient_checkpointing, launch.attention
+            plan.reference_dir,
+            plan.dtype,
+            True,
+            launch.gradient_checkpointing,
+            launch.attention,
+            t.compile,
         )
         m_module = PromptFreeModule(m_lm, t.token_chunk_size, launch.recompute_logits)
         m_lr = t.marginal_prior_learning_rate or t.learning_rate

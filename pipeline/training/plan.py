@@ -212,6 +212,12 @@ def make_plan(
         world_size,
         model_config.get("hidden_size") or text_config.get("hidden_size"),
     )
+    if cfg.train.compile and ds.get("zero_optimization", {}).get("stage") == 3:
+        raise ConfigError(
+            f"train.compile: not with ZeRO-3 (train.ds_config resolved to {choice.ds_config}): "
+            "its hooks gather each block's weights inside the compiled region. Name a ZeRO "
+            "0-2 config in train.ds_config or set train.compile=false"
+        )
     key = {
         "train": stage_config(cfg, "train"),
         "score": score["output_hash"],
