@@ -69,9 +69,9 @@ def random_llama(seed: int = 0, attention: str | None = None) -> Any:
     return LlamaForCausalLM(config)
 
 
-def torchrun_job(script: Path, args: list[str], timeout: int) -> None:
-    """``script`` on two CPU ranks under torchrun (one thread each); fails the test with the
-    job's output when it fails."""
+def torchrun_job(script: Path, args: list[str], timeout: int, nproc: int = 2) -> None:
+    """``script`` on ``nproc`` CPU ranks under torchrun (one thread each); fails the test with
+    the job's output when it fails."""
     import subprocess
     import sys
 
@@ -82,7 +82,7 @@ def torchrun_job(script: Path, args: list[str], timeout: int) -> None:
     env.setdefault("DS_ACCELERATOR", "cpu")
     cmd = [
         str(Path(sys.executable).with_name("torchrun")),
-        "--nproc_per_node=2",
+        f"--nproc_per_node={nproc}",
         f"--master_port={free_port()}",
         str(script),
         *args,

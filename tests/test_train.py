@@ -717,6 +717,39 @@ def test_gradient_accumulation_invariance(sweep: dict[str, Any]) -> None:
             assert x[key] == pytest.approx(y[key], rel=1e-5, abs=1e-6), (x["step"], key)
 
 
+@pytest.fixture(scope="module")
+def one_rank(pairs_root: dict[str, Any]) -> dict[str, Any]:
+    cfg = run_with_pairs(pairs_root, "one-rank")
+    out = pairs_root["root"] / "one_rank.json"
+    torchrun_job(
+        Path(__file__),
+        ["one_rank", str(pairs_root["root"]), str(pairs_root["cache"]), cfg.name, str(out)],
+        timeout=300,
+        nproc=1,
+    )
+    return dict(json.loads(out.read_text()))
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_one_rank_accumulates_without_a_reduction(one_rank: dict[str, Any], precision: str) -> None:
+    """On one rank no engine all-reduces (ZeRO-0 in fp32, the bf16 optimizer's ZeRO-1): four
+    accumulated micro-batches still give the one batch of four's step (fp32 to rounding; bf16
+    to its forward's rounding: the micro-batches run in other shapes)."""
+    runs = one_rank[precision]
+    tolerance = {"rel": 1e-5, "abs": 1e-6} if precision == "fp32" else {"rel": 5e-3, "abs": 1e-3}
+    for x, y in zip(runs["batch1_accum4"], runs["batch4_accum1"], strict=True):
+        for key in ("loss", "grad_norm"):
+            assert x[key] == pytest.approx(y[key], **tolerance), (precision, x["step"], key)
+
+
+def test_one_rank_bf16_optimizer_resumes_exactly(one_rank: dict[str, Any]) -> None:
+    check = one_rank["resume"]
+    assert check["resumed_from"] == 2
+    for a, b in zip(check["resumed"], check["whole"][2:], strict=True):
+        for key in ("loss", "grad_norm", "rewards/margins"):
+            assert a[key] == b[key], (a["step"], key)
+
+
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(sweep: dict[str, Any]) -> None:
     nan = sweep["nan"]
     assert "non-finite loss at optimizer step" in nan["error"]
@@ -916,6 +949,41 @@ def _sweep_worker(root: str, cache: str, name: str, out: str) -> None:
     exit_cleanly(0)
 
 
+def _one_rank_worker(root: str, cache: str, name: str, out: str) -> None:
+    """One rank, where no engine reduces its gradients: accumulation and resume."""
+    ranks = distributed.init_process_group(10)
+    cfg = load_config(TINY, [f"root={root}", f"cache_dir={cache}", f"name={name}", *TRAIN_ARGS])
+    store = RunStore(cfg)
+
+    def history(**changes: Any) -> list[dict[str, float]]:
+        plan = _worker_plan(cfg, store, 1, max_steps=3, **changes)
+        trainer = training.Trainer(plan, ranks)
+        try:
+            trainer.build()
+            return trainer.fit().history
+        finally:
+            trainer.close()
+
+    report: dict[str, Any] = {}
+    for precision, ds in (("fp32", "zero0"), ("bf16", "zero1")):
+        setting = {"precision": precision, "ds_config": f"ds_configs/{ds}.json"}
+        report[precision] = {
+            "batch4_accum1": history(
+                per_device_batch_size=4, gradient_accumulation_steps=1, **setting
+            ),
+            "batch1_accum4": history(
+                per_device_batch_size=1, gradient_accumulation_steps=4, **setting
+            ),
+        }
+    bf16_zero1 = {"precision": "bf16", "ds_config": "ds_configs/zero1.json"}
+    report["resume"] = _resume_check(cfg, store, ranks, bf16_zero1)
+    Path(out).write_text(json.dumps(report))
+    distributed.teardown()
+    exit_cleanly(0)
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "sweep":
         _sweep_worker(*sys.argv[2:6])
+    elif sys.argv[1] == "one_rank":
+        _one_rank_worker(*sys.argv[2:6])
