@@ -49,7 +49,7 @@ export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false DS_ACCELERATOR=cuda
 export NCCL_SOCKET_IFNAME="${NCCL_SOCKET_IFNAME:-lo}" GLOO_SOCKET_IFNAME="${GLOO_SOCKET_IFNAME:-lo}"
 export TRITON_CACHE_DIR=/tmp/midpo-triton TORCH_EXTENSIONS_DIR=/tmp/midpo-torch-ext
 rows_equal=("TRL" "ours default" "compiled" "logits kept" "flex" "profile")
-rows_variable=("TRL" "ours default, precomputed" "ours default, live ref" "flex packed")
+rows_variable=("TRL" "ours default, precomputed" "compiled" "ours default, live ref" "flex packed")
 # Triton (TRL's fused log-probs, flex attention, compiled blocks) compiles with a C compiler at first use.
 if [ -z "${CC:-}" ] && ! command -v gcc >/dev/null && ! command -v cc >/dev/null; then
     echo "[gpu] no C compiler: TRL on its PyTorch log-prob path, no flex attention or compiled rows"

@@ -99,9 +99,16 @@ class MicroBatch:
         return int(self.row_weight.shape[0])
 
     def to(self, device: torch.device) -> MicroBatch:
-        moved = {
-            k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in self.__dict__.items()
-        }
+        """The batch on ``device``. To a GPU through pinned memory, without waiting: a copy
+        from pageable memory waits for the device's queue to drain, once per field."""
+        pinned = torch.device(device).type == "cuda"
+
+        def move(v: Tensor) -> Tensor:
+            if pinned and v.device.type == "cpu":
+                return v.pin_memory().to(device, non_blocking=True)
+            return v.to(device)
+
+        moved = {k: (move(v) if isinstance(v, Tensor) else v) for k, v in self.__dict__.items()}
         return MicroBatch(**moved)  # type: ignore[arg-type]
 
     def as_dict(self) -> dict[str, Any]:
