@@ -59,7 +59,7 @@ if [ -z "${CC:-}" ] && ! command -v gcc >/dev/null && ! command -v cc >/dev/null
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/device.txt"
 "$PY" -c 'import torch, transformers, deepspeed, trl; print("torch", torch.__version__, "cuda", torch.version.cuda, "transformers", transformers.__version__, "deepspeed", deepspeed.__version__, "trl", trl.__version__)' 2>&1 | tail -n 3 | tee -a "$OUT/device.txt"
-common=(--device cuda --model "$KIT/model" --batch 16 --warmup 2 --steps 8 --repeats 1 --row-timeout 100)
+common=(--device cuda --model "$KIT/model" --batch 16 --warmup 2 --steps 8 --repeats 1 --row-timeout 150)
 timeout $(($(left) * 7 / 10)) "$PY" bench/bench_train.py "${common[@]}" --workload equal \
     --prompt 128 --response 384 --rows "${rows_equal[@]}" --out "$OUT/equal.json" 2>&1 |
     tee "$OUT/equal.log"
