@@ -23,8 +23,8 @@ from pipeline import distributed, training
 from pipeline.cli import exit_cleanly
 from pipeline.config import TrainConfig, load_config
 from pipeline.runstore import RunStore
-from tests.conftest import TINY, torchrun_job
-from tests.test_train import TRAIN_ARGS, _worker_plan, pairs_root, run_with_pairs
+from tests.conftest import TINY
+from tests.test_train import TRAIN_ARGS, _worker_plan, launched_report, pairs_root, run_with_pairs
 
 __all__ = ["pairs_root"]  # the fixture, shared with test_train
 
@@ -51,14 +51,7 @@ PACKED = ("dpo_live", "tdpo_live", "sparsepo_live")  # also run packed under ZeR
 
 @pytest.fixture(scope="module")
 def matrix(pairs_root: dict[str, Any]) -> dict[str, Any]:
-    cfg = run_with_pairs(pairs_root, "matrix")
-    out = pairs_root["root"] / "matrix.json"
-    torchrun_job(
-        Path(__file__),
-        [str(pairs_root["root"]), str(pairs_root["cache"]), cfg.name, str(out)],
-        timeout=600,
-    )
-    return dict(json.loads(out.read_text()))
+    return launched_report(pairs_root, Path(__file__), [], "matrix", timeout=600)
 
 
 def test_every_ds_config_with_every_reference_mode_and_family(matrix: dict[str, Any]) -> None:

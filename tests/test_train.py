@@ -631,16 +631,26 @@ def test_kill_mid_epoch_then_resume_on_two_nodes(
 # -- launched: every objective, precision, ZeRO config, invariances (one torchrun job) -----------
 
 
+def launched_report(
+    pairs_root: dict[str, Any],
+    script: Path,
+    head: list[str],
+    run: str,
+    timeout: int,
+    nproc: int = 2,
+) -> dict[str, Any]:
+    """``script`` under torchrun (arguments ``head``, then the run root, cache, run name and
+    report path) on a run with pairs named ``run``; the JSON report it writes."""
+    cfg = run_with_pairs(pairs_root, run)
+    out = pairs_root["root"] / f"{run}.json"
+    root, cache = str(pairs_root["root"]), str(pairs_root["cache"])
+    torchrun_job(script, [*head, root, cache, cfg.name, str(out)], timeout=timeout, nproc=nproc)
+    return dict(json.loads(out.read_text()))
+
+
 @pytest.fixture(scope="module")
 def sweep(pairs_root: dict[str, Any]) -> dict[str, Any]:
-    cfg = run_with_pairs(pairs_root, "sweep")
-    out = pairs_root["root"] / "sweep.json"
-    torchrun_job(
-        Path(__file__),
-        ["sweep", str(pairs_root["root"]), str(pairs_root["cache"]), cfg.name, str(out)],
-        timeout=400,
-    )
-    return dict(json.loads(out.read_text()))
+    return launched_report(pairs_root, Path(__file__), ["sweep"], "sweep", timeout=400)
 
 
 def test_every_objective_trains_under_zero3(sweep: dict[str, Any]) -> None:
@@ -719,15 +729,8 @@ def test_gradient_accumulation_invariance(sweep: dict[str, Any]) -> None:
 
 @pytest.fixture(scope="module")
 def one_rank(pairs_root: dict[str, Any]) -> dict[str, Any]:
-    cfg = run_with_pairs(pairs_root, "one-rank")
-    out = pairs_root["root"] / "one_rank.json"
-    torchrun_job(
-        Path(__file__),
-        ["one_rank", str(pairs_root["root"]), str(pairs_root["cache"]), cfg.name, str(out)],
-        timeout=300,
-        nproc=1,
-    )
-    return dict(json.loads(out.read_text()))
+    head = ["one_rank"]
+    return launched_report(pairs_root, Path(__file__), head, "one-rank", timeout=300, nproc=1)
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
