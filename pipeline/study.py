@@ -436,6 +436,21 @@ def _f(x: Any, fmt: str = ".3f") -> str:
     return "–" if x is None else format(x, fmt)
 
 
+# (value, interval's low end, high end): the metrics each track reports with an interval
+ACCURACY = ("heldout_accuracy", "heldout_accuracy_low", "heldout_accuracy_high")
+REWARD = ("reward_mean", "reward_ci_low", "reward_ci_high")
+
+
+def _interval(metrics: Mapping[str, Any], keys: tuple[str, str, str]) -> str:
+    """ "value [low, high]" of one point's metric."""
+    value, low, high = (_f(metrics[k]) for k in keys)
+    return f"{value} [{low}, {high}]"
+
+
+def _per_seed(points: Sequence[Mapping[str, Any]], keys: tuple[str, str, str]) -> str:
+    return "; ".join(f"s{r['seed']}: {_interval(r['metrics'], keys)}" for r in points)
+
+
 def _mean(values: Sequence[Any]) -> float | None:
     xs = [float(v) for v in values if v is not None]
     return float(np.mean(xs)) if xs else None
@@ -482,8 +497,7 @@ def never_trained(record: Mapping[str, Any]) -> bool:
 def offline_findings(groups: Mapping[str, Sequence[Mapping[str, Any]]]) -> list[str]:
     """What the offline numbers support and what they do not, computed from them."""
     lines: list[str] = []
-    acc = ("heldout_accuracy", "heldout_accuracy_low", "heldout_accuracy_high")
-    above = [o for o, rs in groups.items() if all(r["metrics"][acc[1]] > 0.5 for r in rs)]
+    above = [o for o, rs in groups.items() if all(r["metrics"][ACCURACY[1]] > 0.5 for r in rs)]
     not_above = [o for o in groups if o not in above]
     if above:
         lines.append(
@@ -502,13 +516,13 @@ def offline_findings(groups: Mapping[str, Sequence[Mapping[str, Any]]]) -> list[
             pairs = _seed_pairs(groups, o, "dpo")
             if not pairs:
                 continue
-            if all(_overlap(a, b, acc[1], acc[2]) for a, b in pairs):
+            if all(_overlap(a, b, ACCURACY[1], ACCURACY[2]) for a, b in pairs):
                 same.append(o)
             else:
                 sign = [
-                    "higher" if a["metrics"][acc[0]] > b["metrics"][acc[0]] else "lower"
+                    "higher" if a["metrics"][ACCURACY[0]] > b["metrics"][ACCURACY[0]] else "lower"
                     for a, b in pairs
-                    if not _overlap(a, b, acc[1], acc[2])
+                    if not _overlap(a, b, ACCURACY[1], ACCURACY[2])
                 ]
                 differ.append(f"{o} ({'/'.join(sorted(set(sign)))} on {len(sign)} seed(s))")
         if same:
@@ -521,7 +535,7 @@ def offline_findings(groups: Mapping[str, Sequence[Mapping[str, Any]]]) -> list[
                 f"Held-out accuracy interval apart from DPO's on some seed: {', '.join(differ)}."
             )
     widths = [
-        r["metrics"][acc[2]] - r["metrics"][acc[1]]
+        r["metrics"][ACCURACY[2]] - r["metrics"][ACCURACY[1]]
         for rs in groups.values()
         for r in rs
         if not never_trained(r)
@@ -577,11 +591,10 @@ def offline_findings(groups: Mapping[str, Sequence[Mapping[str, Any]]]) -> list[
 
 def online_findings(groups: Mapping[str, Sequence[Mapping[str, Any]]]) -> list[str]:
     lines: list[str] = []
-    rew = ("reward_mean", "reward_ci_low", "reward_ci_high")
     gained = [
         o
         for o, rs in groups.items()
-        if all(r["metrics"][rew[1]] > r["metrics"]["baseline_reward_mean"] for r in rs)
+        if all(r["metrics"][REWARD[1]] > r["metrics"]["baseline_reward_mean"] for r in rs)
     ]
     if gained:
         lines.append(
@@ -597,7 +610,7 @@ def online_findings(groups: Mapping[str, Sequence[Mapping[str, Any]]]) -> list[s
             for o in groups
             if o != "dpo"
             and (pairs := _seed_pairs(groups, o, "dpo"))
-            and all(_overlap(a, b, rew[1], rew[2]) for a, b in pairs)
+            and all(_overlap(a, b, REWARD[1], REWARD[2]) for a, b in pairs)
         ]
         if same:
             lines.append(
@@ -631,13 +644,9 @@ def _offline_table(groups: Mapping[str, Sequence[Mapping[str, Any]]]) -> list[st
     ]
     for o, rs in groups.items():
         m = [r["metrics"] for r in rs]
-        per_seed = "; ".join(
-            f"s{r['seed']}: {_f(x['heldout_accuracy'])} [{_f(x['heldout_accuracy_low'])}, "
-            f"{_f(x['heldout_accuracy_high'])}]"
-            for r, x in zip(rs, m, strict=True)
-        )
         rows.append(
-            f"| {o} | {len(rs)} | {_f(_mean([x['heldout_accuracy'] for x in m]))} | {per_seed} "
+            f"| {o} | {len(rs)} | {_f(_mean([x['heldout_accuracy'] for x in m]))} "
+            f"| {_per_seed(rs, ACCURACY)} "
             f"| {_f(_mean([x['chosen_shift'] for x in m]), '+.2f')} "
             f"| {_f(_mean([x['rejected_shift'] for x in m]), '+.2f')} "
             f"| {sum(bool(x['likelihood_displacement']) for x in m)}/{len(m)} "
@@ -657,13 +666,9 @@ def _online_table(groups: Mapping[str, Sequence[Mapping[str, Any]]]) -> list[str
     ]
     for o, rs in groups.items():
         m = [r["metrics"] for r in rs]
-        per_seed = "; ".join(
-            f"s{r['seed']}: {_f(x['reward_mean'])} [{_f(x['reward_ci_low'])}, "
-            f"{_f(x['reward_ci_high'])}]"
-            for r, x in zip(rs, m, strict=True)
-        )
         rows.append(
-            f"| {o} | {len(rs)} | {_f(_mean([x['reward_mean'] for x in m]))} | {per_seed} "
+            f"| {o} | {len(rs)} | {_f(_mean([x['reward_mean'] for x in m]))} "
+            f"| {_per_seed(rs, REWARD)} "
             f"| {_f(_mean([x['kl'] for x in m]), '.2f')} "
             f"| {_f(_mean([x['win_rate'] for x in m]))} "
             f"| {_f(_mean([x['human_accuracy'] for x in m]))} "
@@ -881,8 +886,7 @@ def table_text(records: Sequence[Mapping[str, Any]]) -> str:
     for r in sorted(records, key=lambda r: (r["track"], _order(r["objective"]), r["seed"])):
         m = r["metrics"]
         main = (
-            f"acc {_f(m['heldout_accuracy'])} [{_f(m['heldout_accuracy_low'])}, "
-            f"{_f(m['heldout_accuracy_high'])}]"
+            f"acc {_interval(m, ACCURACY)}"
             if r["track"] == "offline"
             else f"reward {_f(m['reward_mean'])} KL {_f(m['kl'], '.2f')}"
         )
