@@ -69,6 +69,12 @@ def random_llama(seed: int = 0, attention: str | None = None) -> Any:
     return LlamaForCausalLM(config)
 
 
+def command_line(cfg: RunConfig, *overrides: str) -> list[str]:
+    """A stage's command-line arguments for run ``cfg`` of the tiny preset (its root and
+    cache), then ``overrides``."""
+    return ["--config", str(TINY), f"root={cfg.root}", f"cache_dir={cfg.cache_dir}", *overrides]
+
+
 def torchrun_job(script: Path, args: list[str], timeout: int, nproc: int = 2) -> None:
     """``script`` on ``nproc`` CPU ranks under torchrun (one thread each); fails the test with
     the job's output when it fails."""

@@ -15,7 +15,7 @@ from pipeline.config import STAGES, RunConfig
 from stages import cli
 from stages import pipeline as pipeline_chain
 from stages import score as score_stage
-from tests.conftest import REPO, TINY, ConfigFactory
+from tests.conftest import REPO, TINY, ConfigFactory, command_line
 from tests.test_score import generated, scored_run  # noqa: F401  (the generated fixture)
 
 
@@ -94,14 +94,7 @@ def test_user_code_cannot_end_a_stage_as_a_success(
     monkeypatch.syspath_prepend(str(tmp_path))
     function = f"score.scorer.function=exiting_{where}:reward"
     cfg: RunConfig = scored_run(tiny_config, generated, function)
-    argv = [
-        "--config",
-        str(TINY),
-        f"root={cfg.root}",
-        f"cache_dir={cfg.cache_dir}",
-        f"allowed_roots=[{tmp_path}]",
-        function,
-    ]
+    argv = command_line(cfg, f"allowed_roots=[{tmp_path}]", function)
     name, run = ("score", score_stage.run) if where == "stage" else ("pipeline", pipeline_chain.run)
     with pytest.raises(SystemExit) as exit_:
         stage_main(name, run, argv)

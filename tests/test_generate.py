@@ -24,7 +24,7 @@ from pipeline.generation import GenerationError, prepare_prompts
 from pipeline.models import ModelError, load_causal_lm, load_tokenizer
 from pipeline.reference import TransformersLogprobs
 from pipeline.runstore import RunStore
-from tests.conftest import REPO, TINY, ConfigFactory, run_stage
+from tests.conftest import REPO, TINY, ConfigFactory, command_line, run_stage
 
 SAMPLE_COLUMNS = [
     "prompt_id",
@@ -313,12 +313,9 @@ def test_cli_reports_a_missing_model_in_one_line(
             sys.executable,
             "-m",
             "stages.generate",
-            "--config",
-            str(TINY),
-            f"root={cfg.root}",
-            f"cache_dir={cfg.cache_dir}",
-            f"allowed_roots=[{tmp_path}]",
-            f"generate.model={tmp_path / 'gone'}",
+            *command_line(
+                cfg, f"allowed_roots=[{tmp_path}]", f"generate.model={tmp_path / 'gone'}"
+            ),
         ],
         cwd=REPO,
         capture_output=True,

@@ -23,7 +23,7 @@ from pipeline.config import GateConfig, RunConfig
 from pipeline.distributed import free_port
 from pipeline.models import make_tiny_model
 from pipeline.runstore import RunStore, StageError, atomic_write_json
-from tests.conftest import REPO, TINY, ConfigFactory, MlflowServer, run_stage
+from tests.conftest import REPO, ConfigFactory, MlflowServer, command_line, run_stage
 
 TEXTS = [
     "a fine film with a warm heart",
@@ -235,11 +235,7 @@ def test_two_concurrent_promotions(tiny_config: ConfigFactory, policies: list[Pa
                         sys.executable,
                         "-m",
                         "stages.promote",
-                        "--config",
-                        str(TINY),
-                        f"root={cfg.root}",
-                        f"cache_dir={cfg.cache_dir}",
-                        f"name={cfg.name}",
+                        *command_line(cfg, f"name={cfg.name}"),
                     ],
                     cwd=REPO,
                     env=env,
@@ -292,16 +288,7 @@ def test_unreachable_server_fails_fast(
     url = f"http://127.0.0.1:{free_port()}"
     started = time.monotonic()
     with pytest.raises(SystemExit) as exit_info:
-        promote.main(
-            [
-                "--config",
-                str(TINY),
-                f"root={cfg.root}",
-                f"cache_dir={cfg.cache_dir}",
-                "name=offline",
-                f"tracking.uri={url}",
-            ]
-        )
+        promote.main(command_line(cfg, "name=offline", f"tracking.uri={url}"))
     assert exit_info.value.code == 2
     assert f"MLflow tracking server {url} is unreachable" in capsys.readouterr().err
     assert time.monotonic() - started < 30

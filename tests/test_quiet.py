@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import RunConfig
-from tests.conftest import REPO, TINY, ConfigFactory
+from tests.conftest import REPO, ConfigFactory, command_line
 from tests.test_score import generated, scored_run  # noqa: F401  (the generated fixture)
 
 # Every kind of output a library can make: Python's stdout, a warning, a C-level write to fd 2,
@@ -45,15 +45,7 @@ def noisy_run(
     (tmp_path / "noisy.py").write_text(NOISY_REWARD)
     function = "score.scorer.function=noisy:reward"
     cfg = scored_run(tiny_config, generated, function)
-    overrides = [
-        "--config",
-        str(TINY),
-        f"root={cfg.root}",
-        f"cache_dir={cfg.cache_dir}",
-        f"allowed_roots=[{tmp_path}]",
-        function,
-    ]
-    return cfg, overrides
+    return cfg, command_line(cfg, f"allowed_roots=[{tmp_path}]", function)
 
 
 def command(

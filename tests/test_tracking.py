@@ -18,7 +18,7 @@ from pipeline.cli import stage_main
 from pipeline.config import STAGES, RunConfig
 from pipeline.runstore import RunStore
 from stages import pipeline as pipeline_chain
-from tests.conftest import TINY, ConfigFactory, MlflowServer
+from tests.conftest import TINY, ConfigFactory, MlflowServer, command_line
 from tests.test_resource_faults import Mount, tmpfs  # noqa: F401  (the tmpfs fixture)
 
 
@@ -200,14 +200,9 @@ def test_tiny_pipeline_as_seen_in_mlflow(tiny_config: ConfigFactory, server: str
 
 
 def _argv(cfg: RunConfig) -> list[str]:
-    return [
-        "--config",
-        str(TINY),
-        f"root={cfg.root}",
-        f"cache_dir={cfg.cache_dir}",
-        f"tracking.uri={cfg.tracking.uri}",
-        f"tracking.experiment={cfg.tracking.experiment}",
-    ]
+    return command_line(
+        cfg, f"tracking.uri={cfg.tracking.uri}", f"tracking.experiment={cfg.tracking.experiment}"
+    )
 
 
 def test_stage_run_starts_when_the_stage_began(
