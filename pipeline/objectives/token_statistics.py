@@ -5,7 +5,7 @@ head runs on chunks of ``chunk_size`` tokens. With ``recompute`` (the default) e
 ``torch.utils.checkpoint.checkpoint(use_reentrant=False)``, so its logits are freed after the forward
 and recomputed in backward: peak memory is O(chunk_size x vocab), not O(tokens x vocab). Without it
 every chunk keeps its logits for backward (O(tokens x vocab) in the model's dtype) and the head runs
-once per step instead of twice: the faster choice on a GPU with memory to spare. Within a
+once per step instead of twice (on an H200 that gave no measurable speed: docs/training.md). Within a
 chunk, a custom autograd function computes the log-probs / KL from the logits, and their gradient
 in closed form, on row blocks: a chunk holds at most three [chunk, vocab] float32 buffers (policy
 logits, reference log-probs, logit gradient). Values and gradients equal the naive full-logits

@@ -271,7 +271,7 @@ class PolicyModule(nn.Module):
     ``forward`` returns {"loss", "losses" [B], "metrics"} for one micro-batch (a dict of fields
     of ``MicroBatch``); ``mode="logps"`` returns the per-token log-probs only.
     ``recompute_logits``: the LM head's chunks recompute their logits in backward (less memory)
-    or keep them (faster; ``train.recompute_logits``).
+    or keep them (one head pass less; ``train.recompute_logits``).
     """
 
     def __init__(
