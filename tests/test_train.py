@@ -688,7 +688,10 @@ def test_precisions_and_zero_configs(sweep: dict[str, Any]) -> None:
     for name in same_maths:
         for a, b in zip(sweep["variants"][name]["history"], fp32, strict=True):
             assert a["loss"] == pytest.approx(b["loss"], abs=1e-5), name
-    assert sweep["variants"]["dpo_compiled"]["export_check"]["max_abs_diff"] < 1e-4
+    compiled = sweep["variants"]["dpo_compiled"]
+    assert compiled["compiled"] == ["LlamaDecoderLayer"] * 2  # each of the tiny model's blocks
+    assert not sweep["variants"]["dpo_zero2"]["compiled"]
+    assert compiled["export_check"]["max_abs_diff"] < 1e-4
     # bf16 export reproduces the engine (its rotary frequencies are float32 in both)
     assert sweep["variants"]["dpo_bf16"]["export_check"]["max_abs_diff"] < 1e-3
     bf16 = sweep["variants"]["dpo_bf16"]["history"]
@@ -878,6 +881,11 @@ def _sweep_worker(root: str, cache: str, name: str, out: str) -> None:
             trainer.build()
             built = time.time()
             result = trainer.fit()
+            compiled = [  # modules that run through torch.compile (train.compile)
+                type(m).__name__
+                for m in trainer.engines.lm.modules()
+                if getattr(m, "_compiled_call_impl", None) is not None
+            ]
         finally:
             trainer.close()
         return {
@@ -885,6 +893,7 @@ def _sweep_worker(root: str, cache: str, name: str, out: str) -> None:
             "reference": plan.reference_mode,
             "export_check": result.export_check,
             "seconds": [built - started, time.time() - built],
+            "compiled": compiled,
         }
 
     args = {"sparsepo": {"hidden_size": 64}, "learnable": {"prior_lr": 0.05}}
