@@ -114,6 +114,17 @@ def test_auto_choices_follow_the_memory_estimate(pairs_root: dict[str, Any]) -> 
     # bf16 (the default precision) on a GPU: DeepSpeed's bf16 optimizer, through ZeRO-1
     assert one.ds_config == "ds_configs/zero1.json" and "one rank" in one.reason
     assert choice(1, plenty, precision="fp32").ds_config == "ds_configs/zero0.json"
+    # one device partitions nothing: states that do not fit it go to host memory
+    alone = state_bytes(size.params, 1, 1, True)
+    assert choice(1, alone / 0.79).ds_config == "ds_configs/zero1.json"
+    too_small = choice(1, alone / 0.81)
+    assert too_small.ds_config == "ds_configs/zero3_offload.json"
+    assert "one device partitions nothing" in too_small.reason
+    fp32_alone = state_bytes(size.params, 0, 1, True)
+    assert choice(1, fp32_alone / 0.79, precision="fp32").ds_config == "ds_configs/zero0.json"
+    assert (
+        choice(1, fp32_alone / 0.81, precision="fp32").ds_config == "ds_configs/zero3_offload.json"
+    )
     assert not one.gradient_checkpointing and "checkpointing off" in one.reason
     assert choice(4, plenty).ds_config == "ds_configs/zero1.json"  # everything fits
     assert choice(4, plenty, precision="fp32").ds_config == "ds_configs/zero0.json"
@@ -131,7 +142,6 @@ def test_auto_choices_follow_the_memory_estimate(pairs_root: dict[str, Any]) -> 
     # checkpointing follows the activation estimate
     tokens = 2 * train.per_device_batch_size * 64
     act = activation_bytes(size, tokens, 64, checkpointing=False, fused_attention=True)
-    alone = state_bytes(size.params, 1, 1, True)
     assert choice(1, (alone + act) / 0.79).gradient_checkpointing is False
     assert choice(1, (alone + act) / 0.81).gradient_checkpointing is True
     # explicit settings win; CPU ranks share the host's RAM (ZeRO-3, the measured default)

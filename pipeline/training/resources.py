@@ -279,8 +279,17 @@ def choose_stage(
         return 3, f"{world} CPU ranks share the host's RAM: ZeRO-3"
     lightest = 1 if bf16 else 0
     if world == 1:
-        return lightest, "one rank: nothing to partition" + (
-            "; bf16: ZeRO-1 for DeepSpeed's bf16 optimizer" if bf16 else ""
+        # One rank partitions nothing: ZeRO-2 and ZeRO-3 would hold as much as the lightest
+        # stage, so states too large for it can only move to host memory.
+        need = state_bytes(params, lightest, 1, reference)
+        if need <= HEADROOM * free:
+            return lightest, "one rank: nothing to partition" + (
+                "; bf16: ZeRO-1 for DeepSpeed's bf16 optimizer" if bf16 else ""
+            )
+        return "offload", (
+            f"one rank: {params / 1e6:.0f}M parameters' states ~{need / gib:.1f} GiB exceed "
+            f"{HEADROOM:.0%} of {free / gib:.1f} GiB free and one device partitions nothing: "
+            "ZeRO-3 with CPU offload"
         )
     for stage in (lightest, 2, 3):
         need = state_bytes(params, stage, world, reference)
