@@ -399,13 +399,18 @@ def stage_run(cfg: RunConfig, stage: str, params: dict[str, Any] | None = None) 
 
 
 def fail_parent(cfg: RunConfig) -> None:
-    """Mark the pipeline's parent run FAILED (a chain stopped on an error), if it exists."""
+    """Mark the pipeline's parent run FAILED (a chain stopped on an error), if it exists, and
+    the runs it nests under: an iterate round's, a frontier or study point's failure stops the
+    whole chain, whose own run then failed too."""
     path = cfg.run_dir / PARENT_FILE
     if not path.is_file():
         return
     with contextlib.suppress(Exception):  # the original error matters more than this one
-        mlflow = setup(cfg)
-        mlflow.MlflowClient().set_terminated(json.loads(path.read_text())["run_id"], "FAILED")
+        client = setup(cfg).MlflowClient()
+        run_id: str | None = json.loads(path.read_text())["run_id"]
+        while run_id:
+            client.set_terminated(run_id, "FAILED")
+            run_id = client.get_run(run_id).data.tags.get("mlflow.parentRunId")
 
 
 def log_parent_metrics(cfg: RunConfig, metrics: dict[str, float]) -> None:

@@ -220,6 +220,26 @@ def test_stage_run_starts_when_the_stage_began(
     assert mlflow.get_run(run.info.run_id).info.start_time == int(began * 1000)
 
 
+def test_a_failed_round_fails_every_run_it_nests_under(tiny_config: ConfigFactory) -> None:
+    """An iterate round's (or a study point's) stage fails: the chain stops, so the round's
+    run and the pipeline run above it are FAILED, not left RUNNING."""
+    from pipeline.config import derive_config
+    from stages.chain import run_stages
+
+    cfg = tiny_config()
+    client = tracking.setup(cfg).MlflowClient()
+    main = tracking.parent_run_id(cfg)
+    round_cfg = derive_config(cfg, f"{cfg.name}-round1", {})
+    round_run = tracking.child_run_id(cfg, round_cfg, "round-1", {"midpo.role": "round"})
+    other = tiny_config("name=unrelated")
+    unrelated = tracking.parent_run_id(other)
+    with pytest.raises(Exception, match="score"):  # train before score: refused
+        run_stages(round_cfg, ["train"])
+    for run_id in (round_run, main):
+        assert client.get_run(run_id).info.status == "FAILED", run_id
+    assert client.get_run(unrelated).info.status != "FAILED"
+
+
 # -- a run store moved to another folder ---------------------------------------------------------
 def test_a_moved_run_store_finds_its_artifacts_and_models(
     tiny_config: ConfigFactory, tmp_path: Path, capsys: pytest.CaptureFixture[str]
