@@ -82,7 +82,6 @@ def run(cfg: RunConfig, store: RunStore, force: bool = False) -> None:
             scorer=result.scorer,
             reference_model_dir=str(models.reference),
             policy_model_dir=str(models.policy),
-            model_fingerprints=fingerprints,
             reference_logps=s.reference_logps,
             dice_alpha=result.alpha if s.dice.enabled else None,
         )

@@ -542,7 +542,7 @@ def test_skip_when_unchanged_rerun_when_reference_weights_change(
     perturbed_model(model_dir(cfg), reference)
     run_stage(cfg, "score")
     second = json.loads(manifest.read_text())
-    assert second["model_fingerprints"] != first["model_fingerprints"]
+    assert second["fingerprints"]["reference"] != first["fingerprints"]["reference"]
     assert second["outputs"]["pairs.parquet"] != first["outputs"]["pairs.parquet"]
 
 
