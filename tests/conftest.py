@@ -146,7 +146,13 @@ class MlflowServer:
             stdout=self._log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
-            env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"},
+            # No job execution (genai scorers, prompt optimisation): the tests use none, and
+            # each server with it leaves a huey store folder in /dev/shm behind.
+            env={
+                **os.environ,
+                "MLFLOW_DISABLE_TELEMETRY": "true",
+                "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+            },
         )
 
     def wait_healthy(self, timeout_s: float = 120.0) -> None:
