@@ -62,14 +62,20 @@ class Section(BaseModel):
 
 
 class ModelConfig(Section):
-    # "smollm2-135m-instruct" (bundled, real), "tiny" (random, for tests), a local Hugging Face
-    # folder, or a hub id (only when online).
-    base: str = "smollm2-135m-instruct"
+    # "smollm2-135m-instruct" is bundled and real, "tiny" random (for tests); a hub id works
+    # only when online.
+    base: str = Field(
+        "smollm2-135m-instruct", description="base model: a built-in name, HF folder or hub id"
+    )
     max_length: int = Field(256, ge=16, le=131072, description="prompt + response tokens")
-    max_prompt_length: int = Field(128, ge=1, le=131072)
-    trust_remote_code: bool = False
-    # Pickle checkpoints (.bin/.pt) from user paths can run arbitrary code; safetensors only.
-    allow_pickle_weights: bool = False
+    max_prompt_length: int = Field(
+        128, ge=1, le=131072, description="longest prompt, in tokens (see generate.long_prompts)"
+    )
+    trust_remote_code: bool = Field(False, description="run a model folder's own Python code")
+    # Pickle checkpoints (.bin/.pt) from user paths can run arbitrary code.
+    allow_pickle_weights: bool = Field(
+        False, description="also load pickle weights (.bin/.pt), not only safetensors"
+    )
 
     @model_validator(mode="after")
     def _prompt_fits(self) -> ModelConfig:
@@ -87,23 +93,34 @@ class DataConfig(Section):
     # preferred (train split -> training pairs, test split -> held-out pairs), no generation;
     # prompts: a user prompt-only dataset; preference: a user preference dataset (TRL formats)
     # taken straight to pairs, skipping generation.
-    task: Literal["vader-sentiment", "vader-preference", "prompts", "preference"] = (
-        "vader-sentiment"
+    task: Literal["vader-sentiment", "vader-preference", "prompts", "preference"] = Field(
+        "vader-sentiment",
+        description="built-in: vader-sentiment, vader-preference; yours: prompts, preference",
     )
-    path: str | None = None
-    eval_path: str | None = None
-    drop_bad_rows: bool = False
-    instruction: str = "Continue this movie review: "
+    path: str | None = Field(
+        None, description="user dataset: JSONL, Parquet or saved dataset (prompts, preference)"
+    )
+    eval_path: str | None = Field(
+        None, description="held-out rows, halved into eval and test (default: from path)"
+    )
+    drop_bad_rows: bool = Field(
+        False, description="drop invalid data rows and count them, not fail"
+    )
+    instruction: str = Field(
+        "Continue this movie review: ", description="text before each snippet's opening words"
+    )
     prompt_words: int = Field(6, ge=1, le=64, description="opening words of a snippet")
-    num_train_prompts: int = Field(256, ge=1)
-    num_eval_prompts: int = Field(64, ge=1)
-    num_test_prompts: int = Field(64, ge=1)
+    num_train_prompts: int = Field(256, ge=1, description="most prompts in the train split")
+    num_eval_prompts: int = Field(64, ge=1, description="most prompts in the eval split")
+    num_test_prompts: int = Field(64, ge=1, description="most prompts in the test split")
     human_pair_min_gap: float = Field(1.0, gt=0, le=8, description="rating gap on the -4..4 scale")
-    num_human_pairs: int = Field(256, ge=0)
+    num_human_pairs: int = Field(
+        256, ge=0, description="held-out human pairs of test snippets (built-in tasks)"
+    )
     num_train_pairs: int = Field(
         256, ge=1, description="training pairs of snippets (task vader-preference)"
     )
-    split_seed: int = 0
+    split_seed: int = Field(0, description="seed of the 80/10/10 split and the snippet pairs")
 
     @property
     def pairs_from_data(self) -> bool:
@@ -123,41 +140,59 @@ class GenerateConfig(Section):
     backend: Literal["vllm", "transformers"] = Field("vllm", description="sampling engine")
     # Folder to sample from: None = prepare's base model; later rounds: a train stage's export.
     model: str | None = Field(None, description="model folder to sample from (default: prepare's)")
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="auto: cuda when a GPU is visible, else cpu"
+    )
     n: int = Field(4, ge=1, le=1024, description="samples per prompt")
     temperature: float = Field(1.0, ge=0.0, le=10.0, description="sampling temperature")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus sampling mass")
     max_tokens: int = Field(48, ge=1, le=65536, description="longest response, in tokens")
-    seed: int = 0
+    seed: int = Field(0, description="sampling seed; each prompt's derives from it and its id")
     batch_size: int = Field(16, ge=1, description="prompts per batch (transformers backend)")
-    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
-    tensor_parallel_size: int = Field(1, ge=1)
-    data_parallel_size: int = Field(1, ge=1)
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "bfloat16", description="sampling model's weights dtype"
+    )
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs per vLLM model copy")
+    data_parallel_size: int = Field(1, ge=1, description="vLLM model copies (data parallel)")
     kv_cache_gib: int = Field(1, ge=1, description="VLLM_CPU_KVCACHE_SPACE on CPU")
-    gpu_memory_utilization: float = Field(0.85, gt=0.0, le=1.0)
-    # Prompts longer than model.max_prompt_length: keep their end ("truncate") or stop ("fail").
+    gpu_memory_utilization: float = Field(
+        0.85, gt=0.0, le=1.0, description="share of GPU memory vLLM may take"
+    )
     long_prompts: Literal["truncate", "fail"] = Field(
         "truncate", description="prompts over model.max_prompt_length: keep their end, or stop"
     )
-    # vLLM context length; None = the model's own (max_position_embeddings).
-    max_model_len: int | None = Field(None, ge=16)
+    max_model_len: int | None = Field(
+        None, ge=16, description="vLLM context length (default: max_position_embeddings)"
+    )
     # Prompts per resumable unit: each finished chunk is kept in scratch until the stage ends.
     chunk_size: int = Field(256, ge=1, description="prompts per resumable unit")
 
 
 class ScorerConfig(Section):
-    kind: Literal["function", "reward_model", "judge"] = "function"
-    # module:function for kind=function; reward functions are only imported from here.
-    function: str = "pipeline.rewards:vader_sentiment"
-    model: str | None = None
-    batch_size: int = Field(32, ge=1)
-    # Rows whose reward raised or was NaN/inf: fail (default) or drop and count.
-    drop_invalid: bool = False
-    # Reward model / judge inputs longer than this many tokens are an error.
-    max_length: int = Field(1024, ge=16)
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    # Judge prompt with {prompt}, {response_a}, {response_b}; None = the built-in one.
-    judge_template: str | None = None
+    kind: Literal["function", "reward_model", "judge"] = Field(
+        "function", description="reward function, reward model, or pairwise LLM judge"
+    )
+    # Reward functions are only imported from here (README: the config is code).
+    function: str = Field(
+        "pipeline.rewards:vader_sentiment",
+        description="module:function(prompts, responses) -> rewards (kind function)",
+    )
+    model: str | None = Field(None, description="model folder (kind reward_model or judge)")
+    batch_size: int = Field(
+        32, ge=1, description="responses per reward call (function, reward_model)"
+    )
+    drop_invalid: bool = Field(
+        False, description="drop responses whose reward raised or is NaN/inf, not fail"
+    )
+    max_length: int = Field(
+        1024, ge=16, description="longest reward-model or judge input, in tokens (else error)"
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="reward model's or judge's weights dtype"
+    )
+    judge_template: str | None = Field(
+        None, description="judge prompt with {prompt}, {response_a}, {response_b} (default: ours)"
+    )
 
     @model_validator(mode="after")
     def _target(self) -> ScorerConfig:
@@ -171,46 +206,71 @@ class ScorerConfig(Section):
 
 
 class DiceConfig(Section):
-    enabled: bool = False
+    enabled: bool = Field(False, description="DICE: implicit reward, length-balanced pairs, replay")
     # Length regularisation: select by score - alpha * length; "auto" picks alpha so the mean
     # chosen and rejected lengths balance (DICE's grid search).
-    length_alpha: float | Literal["auto"] = "auto"
-    length_unit: Literal["chars", "tokens"] = "chars"
+    length_alpha: float | Literal["auto"] = Field(
+        "auto", description="alpha of score - alpha * length; auto: balance the lengths"
+    )
+    length_unit: Literal["chars", "tokens"] = Field(
+        "chars", description="unit of the length in length_alpha"
+    )
     replay_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="share of final pairs")
-    # Preference dataset to replay (TRL formats); None = prepare's preference.parquet (task
-    # 'preference' only: the built-in task's human pairs are held-out evaluation data).
-    replay_path: str | None = None
-    # Implicit reward beta * (log pi_policy(y|x) - log pi_ref(y|x)) of a DPO-trained policy:
-    # policy_model = None: the model that generated (generate.model; the base model in round 1
-    # gives all-zero rewards, so set it there); reference_model = None: prepare's base model
-    # (the reference the policy was trained against in round 1; later rounds may name theirs).
-    beta: float = Field(0.1, gt=0.0)
-    policy_model: str | None = None
-    reference_model: str | None = None
+    # No default: the built-in task's human pairs are held-out evaluation data.
+    replay_path: str | None = Field(
+        None, description="preference dataset to replay (TRL formats; replay_fraction > 0)"
+    )
+    # Implicit reward beta * (log pi_policy(y|x) - log pi_ref(y|x)) of a DPO-trained policy. The
+    # base model as policy (round 1's default) gives all-zero rewards, so set it there; the
+    # default reference is the one the policy was trained against in round 1.
+    beta: float = Field(0.1, gt=0.0, description="beta of the implicit reward")
+    policy_model: str | None = Field(
+        None, description="implicit reward's policy (default: the generating model)"
+    )
+    reference_model: str | None = Field(
+        None, description="implicit reward's reference (default: prepare's base model)"
+    )
 
 
 class ScoreConfig(Section):
     scorer: ScorerConfig = ScorerConfig()
-    pair_strategy: Literal["best_vs_worst", "margin", "random"] = "best_vs_worst"
-    min_margin: float = Field(0.0, ge=0.0)
-    drop_ties: bool = True
-    drop_truncated: bool = True
+    pair_strategy: Literal["best_vs_worst", "margin", "random"] = Field(
+        "best_vs_worst", description="per prompt: best vs worst, every pair (margin), or random"
+    )
+    min_margin: float = Field(0.0, ge=0.0, description="least score gap of a kept pair")
+    drop_ties: bool = Field(True, description="drop pairs whose scores are equal")
+    drop_truncated: bool = Field(True, description="leave out responses cut at max_tokens")
     dice: DiceConfig = DiceConfig()
-    reference_logps: Literal["transformers", "vllm", "none"] = "transformers"
+    reference_logps: Literal["transformers", "vllm", "none"] = Field(
+        "transformers",
+        description="engine for reference log-probs (none: train computes them live)",
+    )
     batch_size: int = Field(8, ge=1, description="pairs per reference forward")
-    seed: int = 0
-    # Reference model folder: None = prepare's base model (later rounds: the round's reference).
-    reference_model: str | None = None
-    reference_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    # TIS-DPO contrastive models (objective tisdpo): None = the generating policy (positive) and
-    # the reference (negative).
-    tisdpo_positive_model: str | None = None
-    tisdpo_negative_model: str | None = None
-    # Score -> weight transform (pipeline.objectives.tisdpo_weights): clamp the log-prob
-    # difference to [-1.5, 1.5] and map it onto weights in [0.7, 1.3] by default.
-    tisdpo_transform: str = "threshold_and_scale"
-    tisdpo_transform_params: dict[str, float] = Field(default_factory=dict)
+    seed: int = Field(0, description="seed of the random strategy and of the replay draw")
+    # Later rounds (make iterate): the previous round's policy.
+    reference_model: str | None = Field(
+        None, description="reference model folder (default: prepare's base model)"
+    )
+    reference_dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="dtype of log-prob models (reference, DICE, TIS-DPO)"
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="device for transformers log-probs and reward models"
+    )
+    tisdpo_positive_model: str | None = Field(
+        None, description="TIS-DPO positive model (default: the generating model)"
+    )
+    tisdpo_negative_model: str | None = Field(
+        None, description="TIS-DPO negative model (default: the reference)"
+    )
+    # By default: clamp the log-prob difference to [-1.5, 1.5] and map it onto [0.7, 1.3].
+    tisdpo_transform: str = Field(
+        "threshold_and_scale",
+        description="TIS-DPO score -> weight transform (objectives/tisdpo_weights.py)",
+    )
+    tisdpo_transform_params: dict[str, float] = Field(
+        default_factory=dict, description="the transform's parameters over its defaults"
+    )
 
     @model_validator(mode="after")
     def _tisdpo_transform(self) -> ScoreConfig:
@@ -232,89 +292,138 @@ class ScoreConfig(Section):
 
 
 class TrainConfig(Section):
-    objective: str = "dpo"
+    objective: str = Field(
+        "dpo", description="MI-DPO objective: dpo, simpo, tdpo, ... (docs/objectives.md)"
+    )
     # None: the objective's own default (0.1 for DPO/TDPO, 2.0 for SimPO/RMiPO, ...).
-    beta: float | None = Field(None, gt=0.0)
-    # Other hyper-parameters by their original names (alpha, gamma_beta_ratio, variant, ...).
-    objective_args: dict[str, Any] = Field(default_factory=dict)
-    learning_rate: float = Field(5e-6, gt=0.0, le=1.0)
-    prior_learning_rate: float = Field(1e-2, gt=0.0, le=10.0)
-    weight_decay: float = Field(0.0, ge=0.0)
-    warmup_ratio: float = Field(0.1, ge=0.0, lt=1.0)
-    max_grad_norm: float = Field(1.0, gt=0.0)
-    epochs: int = Field(1, ge=1)
-    max_steps: int | None = Field(None, ge=1)
-    per_device_batch_size: int = Field(4, ge=1)
-    gradient_accumulation_steps: int = Field(1, ge=1)
-    precision: Literal["bf16", "fp32"] = "bf16"
+    beta: float | None = Field(
+        None, gt=0.0, description="log-ratio multiplier (default: the objective's own)"
+    )
+    objective_args: dict[str, Any] = Field(
+        default_factory=dict,
+        description="other hyper-parameters by original name (alpha, variant, ...)",
+    )
+    learning_rate: float = Field(5e-6, gt=0.0, le=1.0, description="policy's peak learning rate")
+    prior_learning_rate: float = Field(
+        1e-2,
+        gt=0.0,
+        le=10.0,
+        description="learnable prior's learning rate (objective_args.prior_lr wins)",
+    )
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay (weight matrices)")
+    warmup_ratio: float = Field(
+        0.1, ge=0.0, lt=1.0, description="share of steps warming the learning rate up"
+    )
+    max_grad_norm: float = Field(1.0, gt=0.0, description="gradient clipping norm")
+    epochs: int = Field(1, ge=1, description="passes over the pairs (unless max_steps)")
+    max_steps: int | None = Field(
+        None, ge=1, description="optimizer steps (default: epochs x steps per epoch)"
+    )
+    per_device_batch_size: int = Field(4, ge=1, description="pairs per rank per micro-batch")
+    gradient_accumulation_steps: int = Field(
+        1, ge=1, description="micro-batches per optimizer step"
+    )
+    precision: Literal["bf16", "fp32"] = Field(
+        "bf16", description="bf16 (fp32 master weights and optimizer) or fp32"
+    )
     # "auto": chosen at launch from the world size and a per-device memory estimate (weights,
     # gradients, optimizer state against free device memory; RAM per rank on CPU), printed in
     # one line and recorded in the manifest (training/resources.py); a file path always wins.
-    ds_config: str = "auto"
-    # "auto": on when the activation estimate would not fit beside the model's states.
-    gradient_checkpointing: bool | Literal["auto"] = "auto"
-    # The decoder's attention kernel; "auto": flash_attention_2 on CUDA when installed, else sdpa.
-    attention: Literal["auto", "sdpa", "flash_attention_2", "flex_attention", "eager"] = "auto"
+    ds_config: str = Field("auto", description="DeepSpeed config JSON, or auto: chosen at launch")
+    gradient_checkpointing: bool | Literal["auto"] = Field(
+        "auto", description="auto: on when activations would not fit beside the states"
+    )
+    attention: Literal["auto", "sdpa", "flash_attention_2", "flex_attention", "eager"] = Field(
+        "auto", description="auto: flash_attention_2 on CUDA if installed, else sdpa"
+    )
     # How a micro-batch goes through the model. "shared_prompt": each pair's prompt once, both
     # responses after it (a 4D mask keeps them apart; (2P + Rc + Rr) / (P + Rc + Rr) less work);
     # "packed": every sequence in one row, position ids restarting (no padding computed);
     # "padded": one padded row per sequence. "auto": shared_prompt on CPU, packed on a GPU with a
     # variable-length kernel (flash_attention_2), padded otherwise (docs/training.md).
-    layout: Literal["auto", "padded", "shared_prompt", "packed"] = "auto"
-    # Kept for old configs: false means layout "padded" wherever layout would be shared_prompt.
-    share_prompt: bool = True
+    layout: Literal["auto", "padded", "shared_prompt", "packed"] = Field(
+        "auto", description="micro-batch layout: padded, shared_prompt, packed, or auto"
+    )
+    # Kept for old configs.
+    share_prompt: bool = Field(
+        True, description="false: padded wherever auto would pick shared_prompt"
+    )
     checkpoint_every: int = Field(50, ge=1, description="optimizer steps between checkpoints")
-    token_chunk_size: int = Field(1024, ge=1)
+    token_chunk_size: int = Field(1024, ge=1, description="response tokens per LM-head chunk")
     # The LM head's logits of a chunk are recomputed in backward (memory O(chunk x vocab)) or kept
     # from the forward (one head pass less per step). "auto": recomputed, on a GPU too: keeping
     # them gave no measurable speed on an H200 for 0.9 GiB more (docs/training.md, GPU table).
-    recompute_logits: bool | Literal["auto"] = "auto"
+    recompute_logits: bool | Literal["auto"] = Field(
+        "auto", description="recompute each chunk's logits in backward (auto: yes)"
+    )
     # torch.compile each transformer block (one graph shared by all blocks: the norms, rotary and
     # MLP elementwise ops fused; the first steps pay the compile, a new sequence length once
     # more). Off until measured on a GPU (docs/training.md); not with ZeRO-3, whose hooks gather
     # each block's weights. Needs Triton and a C compiler on a GPU, a C++ compiler on CPU.
-    compile: bool = False
-    # The marginal prior model takes one maximum-likelihood step after every this many policy
-    # steps (objective "marginal" with its prompt-free model).
-    marginal_prior_every: int = Field(1, ge=1)
-    nproc: int | Literal["auto"] = "auto"
-    seed: int = 0
-    # Policy's starting weights: None = the model that generated the pairs (generate.model, else
-    # prepare's base model); later rounds: the previous round's train export.
-    init_model: str | None = None
-    # Frozen reference: None = the score stage's (score.reference_model, else the base model).
-    reference_model: str | None = None
+    compile: bool = Field(False, description="torch.compile each transformer block")
+    # The marginal prior is objective "marginal"'s prompt-free model.
+    marginal_prior_every: int = Field(
+        1, ge=1, description="policy steps per marginal prior step (objective marginal)"
+    )
+    nproc: int | Literal["auto"] = Field(
+        "auto", description="processes per node; auto: one per accelerator, 1 on CPU (NPROC wins)"
+    )
+    seed: int = Field(0, description="seed of the pair order and of learned prior weights")
+    # The model that generated the pairs is generate.model, else prepare's base model; in later
+    # rounds, the previous round's train export.
+    init_model: str | None = Field(
+        None, description="policy's starting weights (default: the model that generated)"
+    )
+    reference_model: str | None = Field(
+        None, description="frozen reference (default: score.reference_model, else the base)"
+    )
     # Reference log-probs: "auto" uses pairs.parquet's precomputed ones when the objective needs
     # only token log-probs and the reference is the score stage's; "live" always runs the
     # reference engine; "precomputed" fails when they cannot be used.
-    reference: Literal["auto", "live", "precomputed"] = "auto"
-    lr_scheduler: Literal["linear", "cosine", "constant"] = "linear"
-    # The marginal prior model's learning rate (objective "marginal"); None = learning_rate.
-    marginal_prior_learning_rate: float | None = Field(None, gt=0.0, le=1.0)
-    # Sort pairs by length within shuffled windows of this many global batches (less padding);
-    # 1 = no bucketing beyond the global batch.
-    bucket_window: int = Field(16, ge=1)
+    reference: Literal["auto", "live", "precomputed"] = Field(
+        "auto", description="reference log-probs: auto, live or precomputed (pairs.parquet's)"
+    )
+    lr_scheduler: Literal["linear", "cosine", "constant"] = Field(
+        "linear", description="learning-rate schedule after warmup"
+    )
+    marginal_prior_learning_rate: float | None = Field(
+        None, gt=0.0, le=1.0, description="marginal prior's learning rate (default: learning_rate)"
+    )
+    # Pairs are sorted by length within shuffled windows (less padding); 1 = no bucketing beyond
+    # the global batch.
+    bucket_window: int = Field(16, ge=1, description="global batches per length-sorting window")
     keep_checkpoints: int = Field(
         2, ge=1, description="checkpoints kept in scratch (2: a damaged newest one falls back)"
     )
     # Process-group timeout: must cover the longest rank-0-only work (export, MLflow logging).
-    dist_timeout_minutes: float = Field(60.0, gt=0.0)
+    dist_timeout_minutes: float = Field(60.0, gt=0.0, description="process-group timeout, minutes")
 
 
 class EvaluateConfig(Section):
-    num_prompts: int | None = Field(None, ge=1, description="default: all test prompts")
+    num_prompts: int | None = Field(
+        None, ge=1, description="prompts to evaluate (default: all of evaluate.split's)"
+    )
     n: int = Field(2, ge=1, description="samples per prompt")
-    baseline: Literal["reference", "champion"] = "reference"
-    bootstrap_samples: int = Field(1000, ge=10)
-    confidence: float = Field(0.95, gt=0.0, lt=1.0)
-    # Held-out prompts to sample on (prepare's split; "test" is never used for model selection).
-    split: Literal["test", "eval"] = "test"
+    baseline: Literal["reference", "champion"] = Field(
+        "reference", description="compare with the reference or the registry's champion"
+    )
+    bootstrap_samples: int = Field(1000, ge=10, description="resamples per bootstrap interval")
+    confidence: float = Field(0.95, gt=0.0, lt=1.0, description="confidence level of intervals")
+    # "test" is never used for model selection.
+    split: Literal["test", "eval"] = Field(
+        "test", description="prepare's held-out prompt split to sample on"
+    )
     num_human_pairs: int | None = Field(None, ge=1, description="default: all human pairs")
-    # Training pairs whose chosen log-prob change is measured (likelihood displacement); 0: skip.
-    num_train_pairs: int = Field(64, ge=0)
+    num_train_pairs: int = Field(
+        64, ge=0, description="training pairs for likelihood displacement (0: skip)"
+    )
     batch_size: int = Field(8, ge=1, description="sequences per log-prob forward")
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="device of the log-prob models"
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="dtype of the log-prob models"
+    )
 
 
 class GateConfig(Section):
@@ -365,34 +474,46 @@ SLURM_MEM = r"^\d+[KMGT]?$"  # sbatch --mem: megabytes, or with a K/M/G/T suffix
 class StageResources(Section):
     """One stage's SLURM request; fields left unset take the cluster section's defaults."""
 
-    partition: str | None = None
-    nodes: int | None = Field(None, ge=1)
-    gpus_per_node: int | None = Field(None, ge=0)
-    cpus_per_task: int | None = Field(None, ge=1)
-    mem: str | None = Field(None, pattern=SLURM_MEM)
-    time: str | None = Field(None, pattern=SLURM_TIME)
+    partition: str | None = Field(None, description="--partition (default: cluster.partition)")
+    nodes: int | None = Field(
+        None, ge=1, description="nodes (default: cluster.nodes for train, 1 for the others)"
+    )
+    gpus_per_node: int | None = Field(
+        None, ge=0, description="--gpus-per-node (default: cluster.gpus_per_node)"
+    )
+    cpus_per_task: int | None = Field(
+        None, ge=1, description="CPUs per node (default: cluster.cpus_per_task)"
+    )
+    mem: str | None = Field(
+        None, pattern=SLURM_MEM, description="memory per node (default: cluster.mem)"
+    )
+    time: str | None = Field(None, pattern=SLURM_TIME, description="--time (default: cluster.time)")
 
 
 class ClusterConfig(Section):
     # Defaults for every stage's job; `stages.<stage>` overrides them per stage.
-    partition: str | None = None
-    # Nodes for train, the one multi-node stage (DeepSpeed across nodes); the others use one.
-    nodes: int = Field(1, ge=1)
-    gpus_per_node: int = Field(0, ge=0)
+    partition: str | None = Field(None, description="--partition (default: the cluster's)")
+    nodes: int = Field(1, ge=1, description="nodes for train, the one multi-node stage")
+    gpus_per_node: int = Field(0, ge=0, description="--gpus-per-node (0: none requested)")
     cpus_per_task: int = Field(2, ge=1, description="CPUs per node (one task per node)")
-    time: str = Field("01:00:00", pattern=SLURM_TIME)
+    time: str = Field("01:00:00", pattern=SLURM_TIME, description="--time, [days-]hh:mm:ss")
     mem: str | None = Field(None, pattern=SLURM_MEM, description="memory per node, e.g. 200G")
-    account: str | None = None
-    qos: str | None = None
+    account: str | None = Field(None, description="--account")
+    qos: str | None = Field(None, description="--qos")
     stages: dict[
         Literal["prepare", "generate", "score", "train", "evaluate", "promote"], StageResources
-    ] = Field(default_factory=dict)
-    # Extra sbatch flags for every job (e.g. --constraint=a100, --exclusive).
-    sbatch_args: list[str] = Field(default_factory=list)
-    # Shell lines each job runs before its stage (module load ..., source venv/bin/activate).
-    setup: list[str] = Field(default_factory=list)
-    # Interpreter on the compute nodes; default: the one that submits (on shared storage).
-    python: str | None = None
+    ] = Field(default_factory=dict, description="per-stage values over these defaults")
+    sbatch_args: list[str] = Field(
+        default_factory=list, description="extra sbatch flags for every job, e.g. --exclusive"
+    )
+    setup: list[str] = Field(
+        default_factory=list,
+        description="shell lines each job runs first (module load ..., source .../activate)",
+    )
+    # The submitter's interpreter must be on storage the nodes share.
+    python: str | None = Field(
+        None, description="interpreter on the nodes (default: submitter's, or setup's python3)"
+    )
 
     @model_validator(mode="after")
     def _single_node_stages(self) -> ClusterConfig:
@@ -499,13 +620,19 @@ class StudyConfig(Section):
 
 
 class RunConfig(Section):
-    name: str = Field("demo", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
-    root: str = "runs"
-    cache_dir: str = "runs/_cache"
-    # Folders outside the project, the run root and the cache that input paths (models, data,
-    # DeepSpeed configs) may point into; anything else is refused (pipeline.config.check_paths).
-    allowed_roots: list[str] = Field(default_factory=list)
-    seed: int = 0
+    name: str = Field(
+        "demo", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$", description="run name: its folder in root"
+    )
+    root: str = Field("runs", description="run store folder")
+    cache_dir: str = Field(
+        "runs/_cache", description="converted models, shared samples and log-probs"
+    )
+    # The project, root and cache_dir are always allowed; input paths (models, data, DeepSpeed
+    # configs) anywhere else are refused (check_paths).
+    allowed_roots: list[str] = Field(
+        default_factory=list, description="other folders input paths may point into"
+    )
+    seed: int = Field(0, description="seed of the tiny model's weights and evaluate's bootstrap")
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     generate: GenerateConfig = GenerateConfig()
@@ -514,11 +641,15 @@ class RunConfig(Section):
     evaluate: EvaluateConfig = EvaluateConfig()
     promote: PromoteConfig = PromoteConfig()
     tracking: TrackingConfig = TrackingConfig()
-    cluster: ClusterConfig | None = None
+    cluster: ClusterConfig | None = Field(
+        None, description="SLURM resources for make submit (docs/cluster.md)"
+    )
     study: StudyConfig = StudyConfig()
 
-    # Set by load_config, not by the YAML: where this config came from (for messages).
-    source: str | None = Field(None, exclude=True)
+    # Set by load_config, not by the YAML.
+    source: str | None = Field(
+        None, exclude=True, description="where this config came from (for messages)"
+    )
 
     @field_validator("root", "cache_dir")
     @classmethod
