@@ -112,7 +112,11 @@ def config_help(sections: tuple[str, ...]) -> str:
             if isinstance(kind, type) and issubclass(kind, BaseModel):
                 walk(kind, key + ".")
                 continue
-            default = "required" if field.is_required() else f"default {field.default!r}"
+            default = (
+                "required"
+                if field.is_required()
+                else f"default {field.get_default(call_default_factory=True)!r}"
+            )
             text = f"  {key} ({default})"
             lines.append(f"{text}: {field.description}" if field.description else text)
 

@@ -5,9 +5,8 @@ the environment) it re-executes the stage under the DeepSpeed launcher (or torch
 local devices and returns the launcher's exit code; inside one it returns None and the caller
 goes on as one rank. Cluster topology comes from the environment, as on SLURM or Kubernetes:
 
-    NPROC        processes per node (default: train.nproc; "auto" = local accelerators, or 2 on
-                 a CPU-only machine: two ranks exercise ZeRO-3 partitioning at the cost of one
-                 core each, more CPU ranks would only add communication)
+    NPROC        processes per node (default: train.nproc; "auto" = one per local accelerator,
+                 or one on a CPU-only machine: ranks there share one RAM and the cores)
     NNODES       number of nodes (default 1); NODE_RANK this node's index (default 0)
     MASTER_ADDR  address of node 0 (default 127.0.0.1); MASTER_PORT (default: a free port on
                  a single node, 29500 across nodes, where every node must agree)

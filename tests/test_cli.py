@@ -59,6 +59,16 @@ def test_each_stage_help_lists_its_config_section(capsys: pytest.CaptureFixture[
     out = capsys.readouterr().out
     assert "model.max_length (default 256): prompt + response tokens" in out
     assert "data.task (default " in out
+    for stage in ("train", "score", "evaluate", "promote"):
+        with pytest.raises(SystemExit):
+            cli.main([stage, "--help"])
+        out = capsys.readouterr().out
+        keys = [line for line in out.splitlines() if "(default " in line]
+        assert keys, stage
+        for line in keys:  # every key says what it is, and its real default
+            assert "): " in line and "PydanticUndefined" not in line, line
+        if stage == "train":  # a default factory's value
+            assert "train.objective_args (default {}): " in out
 
 
 def test_missing_upstream_names_the_command_that_works(
