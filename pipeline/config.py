@@ -914,21 +914,58 @@ def objective_kwargs(train: TrainConfig) -> dict[str, Any]:
     return kwargs
 
 
-def build_objective(train: TrainConfig) -> MIDPOObjective:
+def model_sizes(model_dir: Path) -> dict[str, int]:
+    """``hidden_size`` and ``num_layers`` of a decoder folder's config.json (its text_config for
+    a multimodal one): what parts reading its hidden states are sized by."""
+    path = Path(model_dir) / "config.json"
+    config = json.loads(path.read_text())
+    text = config.get("text_config") or config
+    sizes = {"hidden_size": text.get("hidden_size"), "num_layers": text.get("num_hidden_layers")}
+    missing = [k for k, v in sizes.items() if not isinstance(v, int) or v <= 0]
+    if missing:
+        raise ConfigError(f"{path}: no {' or '.join(missing)} (hidden_size, num_hidden_layers)")
+    return sizes
+
+
+def build_objective(train: TrainConfig, reference_dir: Path | None = None) -> MIDPOObjective:
     """The MI-DPO objective ``train`` names, with its hyper-parameters: the one place config
     becomes an objective (train, score's cache key, evaluate's implicit reward, the frontier).
 
-    Learned prior parts (SparsePO's mask head) start from ``train.seed``: the same weights on
-    every rank and in every run with that seed. torch's global generator is left as it was, so
-    building an objective to ask it something changes no later random draw."""
+    An objective with parts that read the reference's hidden states (SparsePO's learned mask
+    head) takes ``hidden_size`` and ``num_layers`` from ``reference_dir`` unless
+    train.objective_args sets them: all its layers, as the reference code does. Without a
+    folder (config checks, score, evaluate: nothing they ask depends on it) it is built at a
+    stand-in size of 1.
+
+    Learned prior parts start from ``train.seed``: the same weights on every rank and in every
+    run with that seed. torch's global generator is left as it was, so building an objective to
+    ask it something changes no later random draw."""
     import torch
 
-    from pipeline.objectives import make_objective
+    from pipeline.objectives import available_objectives, make_objective
+    from pipeline.objectives import objective_hyperparameters as accepted
 
+    kwargs = objective_kwargs(train)
+    name = train.objective
+    if name in available_objectives() and "hidden_size" in accepted(name):
+        sizes = {"hidden_size": 1, "num_layers": 1}  # stand-ins: no model to read
+        if reference_dir is not None:
+            sizes = model_sizes(reference_dir)
+            hidden, layers = kwargs.get("hidden_size"), kwargs.get("num_layers")
+            if (isinstance(hidden, int) and hidden != sizes["hidden_size"]) or (
+                isinstance(layers, int) and layers > sizes["num_layers"]
+            ):
+                raise ConfigError(
+                    f"train.objective_args: hidden_size={hidden}, num_layers={layers}: the "
+                    f"reference model ({reference_dir}) has hidden_size {sizes['hidden_size']} "
+                    f"and {sizes['num_layers']} layers"
+                )
+        for key, size in sizes.items():
+            kwargs.setdefault(key, size)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(train.seed)
         try:
-            return make_objective(train.objective, **objective_kwargs(train))
+            return make_objective(name, **kwargs)
         except (ValueError, TypeError) as e:
             raise ConfigError(f"train.objective={train.objective!r}: {e}") from None
 

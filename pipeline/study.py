@@ -128,21 +128,10 @@ def track_config(cfg: RunConfig, track: str) -> RunConfig:
     return online
 
 
-def model_hidden_size(model_dir: Path) -> int:
-    """The decoder's hidden size (SparsePO's learned mask heads read hidden states of it)."""
-    config = json.loads((model_dir / "config.json").read_text())
-    size = config.get("hidden_size") or (config.get("text_config") or {}).get("hidden_size")
-    if not size:
-        raise ConfigError(f"{model_dir}/config.json: no hidden_size for SparsePO's mask heads")
-    return int(size)
-
-
-def point_config(cfg: RunConfig, base: RunConfig, point: Point, hidden_size: int) -> RunConfig:
+def point_config(cfg: RunConfig, base: RunConfig, point: Point) -> RunConfig:
     """A point's run: ``base`` (its track's base run) with the objective at its preset defaults
     (train.beta unset; ``study.objective_args`` over them) and ``train.seed``."""
     args = dict(cfg.study.objective_args.get(point.objective, {}))
-    if point.objective == "sparsepo" and args.get("mask_source", "learned") == "learned":
-        args.setdefault("hidden_size", hidden_size)
     return derive_config(
         base,
         point.run_name(cfg.name),
@@ -364,10 +353,12 @@ def point_record(
     seconds: Mapping[str, float],
     shared_seconds: Mapping[str, float],
     command: str,
+    reference_dir: Path,
     extra: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """A point's JSON: its metrics, training summary, the exact resolved config (sections it
-    depends on and the objective's hyper-parameters as built), times, date, machine, command."""
+    depends on and the objective's hyper-parameters as built against ``reference_dir``, the
+    model it trained against), times, date, machine, command."""
     sections = ["model", "data", "score", "train", "evaluate"]
     if point.track == "online":
         sections.insert(2, "generate")
@@ -387,7 +378,7 @@ def point_record(
             "stage_seconds": dict(seconds),
             "shared_stage_seconds": dict(shared_seconds),
             "config": {
-                "objective_hparams": build_objective(pcfg.train).hparams,
+                "objective_hparams": build_objective(pcfg.train, reference_dir).hparams,
                 **{s: tree[s] for s in sections},
                 "seed": tree["seed"],
             },

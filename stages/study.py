@@ -49,7 +49,7 @@ def run_point(
     """One point: its stages (skipped when up to date), its measurements, its file."""
     base_store = RunStore(base)
     model_dir = Path(base_store.require("prepare")["model_dir"])
-    pcfg = study.point_config(cfg, base, point, study.model_hidden_size(model_dir))
+    pcfg = study.point_config(cfg, base, point)
     store = RunStore(pcfg)
     share_outputs(base_store, store, study.SHARED_STAGES[point.track])
     tracking.child_run_id(
@@ -61,13 +61,10 @@ def run_point(
     run_stages(pcfg, study.POINT_STAGES[point.track], force)
     extra: dict[str, Any] = {}
     started = time.time()
+    reference_dir = Path(store.require("train").get("reference_model_dir") or model_dir)
     if point.track == "offline":
-        train = store.require("train")
         metrics = study.offline_metrics(
-            pcfg,
-            store.stage_dir("prepare"),
-            store.stage_dir("train") / "model",
-            Path(train.get("reference_model_dir") or model_dir),
+            pcfg, store.stage_dir("prepare"), store.stage_dir("train") / "model", reference_dir
         )
         extra["heldout_seconds"] = time.time() - started
     else:
@@ -89,6 +86,7 @@ def run_point(
         seconds=seconds,
         shared_seconds=study.stage_seconds(shared, base.name),
         command=command,
+        reference_dir=reference_dir,
         extra=extra,
     )
     tracking.log_parent_metrics(pcfg, study.flat_metrics(record))  # on the point's own run
@@ -102,10 +100,8 @@ def run_track(cfg: RunConfig, track: str, objectives: list[str], force: bool, co
     if base is not cfg:  # the online base run nests under the study's run too
         tracking.child_run_id(cfg, base, base.name, {"midpo.role": "study-track"})
     run_stages(base, study.SHARED_STAGES[track], force)
-    model_dir = Path(RunStore(base).require("prepare")["model_dir"])
-    hidden = study.model_hidden_size(model_dir)
     for i, point in enumerate(todo, 1):
-        pcfg = study.point_config(cfg, base, point, hidden)
+        pcfg = study.point_config(cfg, base, point)
         path = folder / f"{point.key}.json"
         if not force and study.finished(path, study.point_key(pcfg, track)):
             print(f"[study] {point.key}: done ({path}); skipping", file=console)

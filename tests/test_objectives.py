@@ -359,7 +359,12 @@ def _sparse_head_reference(objective: torch.nn.Module, hidden: Tensor) -> Tensor
 def test_sparsepo_learned_masks(extreme: bool) -> None:
     torch.manual_seed(0)
     objective = make_objective(
-        "sparsepo", hidden_size=8, mask_dropout=0.0, l1_norm_param_u=0.01, l1_norm_param_d=0.02
+        "sparsepo",
+        hidden_size=8,
+        num_layers=1,
+        mask_dropout=0.0,
+        l1_norm_param_u=0.01,
+        l1_norm_param_d=0.02,
     )
     head_params = list(objective.parameters())
     assert len(head_params) == 5  # LayerNorm (2), per-layer linear (2), bias-free mixer (1)
@@ -380,7 +385,9 @@ def test_sparsepo_learned_masks(extreme: bool) -> None:
 
 def test_sparsepo_head_gradients_match_reference() -> None:
     torch.manual_seed(1)
-    objective = make_objective("sparsepo", hidden_size=8, mask_dropout=0.0, l1_norm_param_u=0.01)
+    objective = make_objective(
+        "sparsepo", hidden_size=8, num_layers=1, mask_dropout=0.0, l1_norm_param_u=0.01
+    )
     inputs = make_inputs(16)
     batch, leaves = to_batch(inputs, torch.float32)
     objective(batch).loss.backward()
@@ -399,6 +406,48 @@ def test_sparsepo_head_gradients_match_reference() -> None:
     ref_sparsepo(t, masks, 0.1, 0.01, 0.0).mean().backward()
     for g, p in zip(got, params, strict=True):
         torch.testing.assert_close(g.double(), p.grad, rtol=1e-5, atol=1e-10)
+
+
+def test_sparsepo_all_layer_head_matches_the_reference_model() -> None:
+    """The default learned mask (the code's ``simple_all``) over L = 3 layers, written out in
+    float64 as SparsePO's SimpleMaskAllLayers: one shared LayerNorm, per layer Linear(H, 1) +
+    ReLU, a bias-free mixer + ReLU; values and the head's gradients."""
+    torch.manual_seed(3)
+    objective = make_objective("sparsepo", hidden_size=8, num_layers=3, mask_dropout=0.0)
+    inputs = {k: v for k, v in make_inputs(19).items() if "marginal" not in k}
+    g = torch.Generator().manual_seed(19)
+    for side in ("chosen", "rejected"):
+        mask = inputs[f"{side}_mask"]
+        layers = torch.randn(*mask.shape, 3, 8, generator=g, dtype=torch.float64)
+        inputs[f"{side}_ref_hidden"] = torch.where(mask[..., None, None], layers, FILL)
+    batch, leaves = to_batch(inputs, torch.float32)
+    out = objective(batch)
+    out.loss.backward()
+    got = [p.grad.clone() for p in objective.parameters()]  # type: ignore[union-attr]
+    params = [p.detach().double().requires_grad_() for p in objective.parameters()]
+    ln_w, ln_b, *per_layer, mix_w = params
+    t = reference_tensors(leaves)
+
+    def masks(side: str) -> tuple[Tensor, Tensor]:
+        h = t[f"{side}_ref_hidden"]
+        units = [
+            torch.relu(
+                F.linear(
+                    F.layer_norm(h[..., i, :], (8,), ln_w, ln_b, 1e-5),
+                    *per_layer[2 * i : 2 * i + 2],
+                )
+            )
+            for i in range(3)
+        ]
+        m = torch.relu(F.linear(torch.cat(units, dim=-1), mix_w)).squeeze(-1)
+        return m * t[f"{side}_mask"], m * t[f"{side}_mask"]
+
+    expected = ref_sparsepo(t, masks, 0.1, 0.0, 0.0)
+    torch.testing.assert_close(out.loss.double(), expected.mean().detach(), rtol=1e-5, atol=0)
+    expected.mean().backward()
+    assert len(got) == 2 + 2 * 3 + 1
+    for a, b in zip(got, params, strict=True):
+        torch.testing.assert_close(a.double(), b.grad, rtol=1e-5, atol=1e-10)
 
 
 def _zn_rescale_reference(act: Tensor, mask: Tensor) -> Tensor:
@@ -438,7 +487,12 @@ def test_sparsepo_independent_masks_and_switches() -> None:
     torch.manual_seed(2)
     inputs = {k: v for k, v in make_inputs(18).items() if "marginal" not in k}
     objective = make_objective(
-        "sparsepo", hidden_size=8, rw_kl_independent=True, mask_dropout=0.0, mask_on_kl=False
+        "sparsepo",
+        hidden_size=8,
+        num_layers=1,
+        rw_kl_independent=True,
+        mask_dropout=0.0,
+        mask_on_kl=False,
     )
     term = objective.terms[1]
     assert term.kl_head is not None and term.kl_head is not term.reward_head
@@ -658,7 +712,7 @@ def test_requires_and_reference_needs() -> None:
     rmipo = make_objective("rmipo")
     assert rmipo.accepts == rmipo.requires | {"chosen_marginal_mask", "rejected_marginal_mask"}
     assert make_objective("dpo").accepts == make_objective("dpo").requires
-    sparse = make_objective("sparsepo", hidden_size=4)
+    sparse = make_objective("sparsepo", hidden_size=4, num_layers=1)
     assert {"chosen_ref_hidden", "chosen_kl"} <= sparse.requires and sparse.needs_reference_hidden
     assert make_objective("tisdpo", token_level=True).needs_reference_distribution
     assert (
@@ -748,6 +802,8 @@ def test_bad_names_and_hyperparameters_raise() -> None:
         make_objective("dpo", label_smoothing=0.7)
     with pytest.raises(ValueError, match="hidden_size"):
         make_objective("sparsepo")
+    with pytest.raises(ValueError, match="num_layers"):
+        make_objective("sparsepo", hidden_size=8)
     with pytest.raises(ValueError, match="mask_source"):
         make_objective("sparsepo", mask_source="attention")
     with pytest.raises(ValueError, match="prior term 'entropy': unknown"):

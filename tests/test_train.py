@@ -399,16 +399,31 @@ def test_bad_input_fails_before_any_rank_starts(pairs_root: dict[str, Any]) -> N
 def test_learned_prior_parts_start_from_the_train_seed(pairs_root: dict[str, Any]) -> None:
     """SparsePO's mask head is initialised from train.seed: the same seed gives the same
     weights (on every rank, in every run), another seed others; torch's global generator is
-    left as it was."""
+    left as it was. Its sizes come from the reference model: all its layers, as in the code."""
     import torch
 
     configs = {
         seed: run_with_pairs(
-            pairs_root, f"sparse-s{seed}", "train.objective=sparsepo",
-            "train.objective_args={hidden_size: 64}", f"train.seed={seed}",
+            pairs_root, f"sparse-s{seed}", "train.objective=sparsepo", f"train.seed={seed}"
         )
         for seed in (0, 1)
-    }  # fmt: skip
+    }
+    plan = training.make_plan(configs[0], RunStore(configs[0]), 1)
+    model = json.loads((plan.reference_dir / "config.json").read_text())
+    hparams = plan.objective.hparams
+    assert (hparams["hidden_size"], hparams["num_layers"]) == (
+        model["hidden_size"],
+        model["num_hidden_layers"],
+    )
+    assert plan.objective.reference_layers == model["num_hidden_layers"] > 1
+    too_many = run_with_pairs(
+        pairs_root,
+        "sparse-deep",
+        "train.objective=sparsepo",
+        "train.objective_args={num_layers: 9}",
+    )
+    with pytest.raises(ConfigError, match=r"num_layers=9: the reference model .* 2 layers"):
+        training.make_plan(too_many, RunStore(too_many), 1)
 
     def mask_weights(seed: int) -> list[torch.Tensor]:
         plan = training.make_plan(configs[seed], RunStore(configs[seed]), 1)
@@ -776,8 +791,8 @@ def _worker_plan(cfg: RunConfig, store: RunStore, world: int, **train: Any) -> A
         max_length=cfg.model.max_length,
         max_prompt_length=cfg.model.max_prompt_length,
     )
-    objective = build_objective(tc)
     policy, reference, score_ref = training.model_dirs(cfg, store)
+    objective = build_objective(tc, reference)
     mode = training.choose_reference(objective, tc, data, reference == score_ref)
     choice = training.choose(
         tc,
@@ -896,7 +911,7 @@ def _sweep_worker(root: str, cache: str, name: str, out: str) -> None:
             "compiled": compiled,
         }
 
-    args = {"sparsepo": {"hidden_size": 64}, "learnable": {"prior_lr": 0.05}}
+    args = {"learnable": {"prior_lr": 0.05}}  # sparsepo: the mask head reads all layers
     report: dict[str, Any] = {"objectives": {}, "variants": {}}
     for objective in available_objectives():
         report["objectives"][objective] = train(

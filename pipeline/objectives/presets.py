@@ -181,7 +181,7 @@ def sparsepo(
     beta: float = 0.1,
     mask_source: str = "learned",
     hidden_size: int | None = None,
-    num_layers: int = 1,
+    num_layers: int | None = None,
     rw_kl_independent: bool = False,
     mask_on_reward: bool = True,
     mask_on_kl: bool = True,
@@ -192,9 +192,11 @@ def sparsepo(
 ) -> MIDPOObjective:
     """SparsePO: token masks on the log-ratio reward and on the token KL (TDPO1-like).
 
-    mask_source: "learned" (mask head on reference hidden states; needs hidden_size and
-    chosen/rejected_ref_hidden), "activations" (from reference hidden states, no parameters) or
-    "given" (chosen/rejected_weights). rw_kl_independent: separate reward and KL masks.
+    mask_source: "learned" (mask head on reference hidden states; needs hidden_size, num_layers
+    and chosen/rejected_ref_hidden), "activations" (from reference hidden states, no parameters)
+    or "given" (chosen/rejected_weights). num_layers: how many of the reference's last layers feed
+    the learned head; the reference code's default mask model ("simple_all") reads all of them,
+    which the train stage passes. rw_kl_independent: separate reward and KL masks.
     """
     hp = _hparams(locals())
     masks = SparseTokenMasks(

@@ -256,7 +256,7 @@ class SparseTokenMasks(ResponsePrior):
         source: MaskSource = "learned",
         *,
         hidden_size: int | None = None,
-        num_layers: int = 1,
+        num_layers: int | None = None,
         independent: bool = False,
         mask_on_reward: bool = True,
         mask_on_kl: bool = True,
@@ -283,13 +283,18 @@ class SparseTokenMasks(ResponsePrior):
                 raise ValueError(
                     "hidden_size: mask_source='learned' needs the reference hidden size (int > 0)"
                 )
+            if num_layers is None or num_layers <= 0:
+                raise ValueError(
+                    "num_layers: mask_source='learned' needs how many of the reference's last "
+                    "layers feed the mask head (int > 0; the reference code reads all of them)"
+                )
             self.reward_head = SparseMaskHead(hidden_size, num_layers, dropout)
             self.kl_head = SparseMaskHead(hidden_size, num_layers, dropout) if independent else None
         needs = {"ref_logps", "kl"}
         needs.add("weights" if source == "given" else "ref_hidden")
         self.needs = frozenset(needs)
         # The learned heads read their last `num_layers` layers; activation masks the last one.
-        self.reference_layers = {"learned": num_layers, "activations": 1, "given": 0}[source]
+        self.reference_layers = {"learned": num_layers or 0, "activations": 1, "given": 0}[source]
 
     def _masks(self, side: ResponseSide) -> tuple[Tensor, Tensor]:
         if self.source == "given":

@@ -183,7 +183,7 @@ def make_plan(
         max_length=cfg.model.max_length,
         max_prompt_length=cfg.model.max_prompt_length,
     )
-    objective = build_objective(cfg.train)
+    objective = build_objective(cfg.train, reference_dir)
     mode = choose_reference(objective, cfg.train, data, reference_dir == score_ref)
     if objective.needs_token_weights and not data.has_weights:
         raise DataError(
