@@ -308,7 +308,7 @@ class TrainConfig(Section):
         1e-2,
         gt=0.0,
         le=10.0,
-        description="learnable prior's learning rate (objective_args.prior_lr wins)",
+        description="learned prior's rate (objective_args.prior_lr wins; SparsePO: the policy's)",
     )
     weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay (weight matrices)")
     warmup_ratio: float = Field(

@@ -21,6 +21,7 @@ from torch import Tensor
 
 from pipeline.objectives import (
     OBJECTIVES,
+    POLICY_LR,
     PairBatch,
     available_objectives,
     make_objective,
@@ -596,6 +597,26 @@ def test_learnable_initialised_at_a_method_equals_it(
         torch.testing.assert_close(ga, gb, rtol=1e-6, atol=1e-12)
     # The prior's own parameters receive a gradient: it is trainable from there.
     assert all(p.grad is not None for p in learned.parameters())
+
+
+def test_sparsepo_mask_heads_train_like_the_reference_trainer() -> None:
+    """SparsePO's trainer puts the mask heads in the policy's optimizer: its learning rate
+    (no "lr" of their own) and mask_weight_decay on weight matrices only (its decay names
+    exclude biases and LayerNorm)."""
+    objective = make_objective("sparsepo", hidden_size=8, num_layers=2)
+    assert objective.prior_lr == POLICY_LR
+    decay, no_decay = objective.parameter_groups()
+    head = objective.terms[1].reward_head
+    matrices = {id(lin.weight) for lin in head.per_layer} | {id(head.mixer.weight)}
+    assert {id(p) for p in decay["params"]} == matrices and decay["weight_decay"] == 0.01
+    assert no_decay["weight_decay"] == 0.0 and len(no_decay["params"]) == 2 + 2  # LN, biases
+    assert "lr" not in decay and "lr" not in no_decay
+    own = make_objective(
+        "sparsepo", hidden_size=8, num_layers=2, prior_lr=0.003, mask_weight_decay=0
+    )
+    assert [(g["lr"], g["weight_decay"]) for g in own.parameter_groups()] == [(0.003, 0.0)] * 2
+    with pytest.raises(ValueError, match="prior_lr"):
+        make_objective("mi-dpo", prior_lr="fast")
 
 
 def test_learnable_prior_is_bounded_and_has_its_own_group() -> None:

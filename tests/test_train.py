@@ -416,6 +416,13 @@ def test_learned_prior_parts_start_from_the_train_seed(pairs_root: dict[str, Any
         model["num_hidden_layers"],
     )
     assert plan.objective.reference_layers == model["num_hidden_layers"] > 1
+    # the mask heads train at the policy's rate, as in SparsePO's trainer; prior_lr overrides
+    train = configs[0].train
+    assert training.prior_learning_rate(train, plan.objective) == train.learning_rate
+    learnable = build_objective(train.model_copy(update={"objective": "learnable"}))
+    assert training.prior_learning_rate(train, learnable) == train.prior_learning_rate
+    fast = train.model_copy(update={"objective_args": {"prior_lr": 0.5}})
+    assert training.prior_learning_rate(fast, plan.objective) == 0.5
     too_many = run_with_pairs(
         pairs_root,
         "sparse-deep",

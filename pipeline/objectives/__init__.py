@@ -10,7 +10,7 @@ Pure torch (no DeepSpeed / transformers imports). See docs/objectives.md.
 
 from .batch import PairBatch, validate_batch
 from .marginal import marginal_prior_nll
-from .objective import MIDPOObjective, ObjectiveOutput
+from .objective import POLICY_LR, MIDPOObjective, ObjectiveOutput
 from .presets import (
     OBJECTIVES,
     available_objectives,
@@ -56,6 +56,7 @@ __all__ = [
     "LengthNormalization",
     "LengthPenalty",
     "MIDPOObjective",
+    "POLICY_LR",
     "MarginalPrior",
     "ObjectiveOutput",
     "PMIMargin",

@@ -39,13 +39,17 @@ class ObjectiveOutput:
 
 # Optional fields that can only be filled with the live reference distribution (full vocabulary).
 _REFERENCE_DISTRIBUTION_FIELDS = field_names(["kl", "reverse_kl"])
+# A ``prior_lr``: the policy's learning rate (parts trained in the policy's optimizer group, as
+# SparsePO's trainer trains its mask heads).
+POLICY_LR = "policy"
 
 
 class MIDPOObjective(nn.Module):
     """MI-DPO loss with prior ``log zeta = sum(term for term in prior)``.
 
     ``objective.parameters()`` are the prior's learnable parameters (learnable family, SparsePO mask
-    heads); give them their own optimizer group (``parameter_groups``).
+    heads); give them their own optimizer groups (``parameter_groups``): ``prior_lr`` (a rate,
+    ``POLICY_LR``, or None for the optimizer's default) and ``prior_weight_decay`` (on matrices).
     """
 
     def __init__(
@@ -57,7 +61,8 @@ class MIDPOObjective(nn.Module):
         sft_weight: float = 0.0,
         name: str = "mi-dpo",
         hparams: Mapping[str, Any] | None = None,
-        prior_lr: float | None = None,
+        prior_lr: float | str | None = None,
+        prior_weight_decay: float = 0.0,
         compute_dtype: torch.dtype = torch.float64,
         validate: bool = True,
     ) -> None:
@@ -76,7 +81,12 @@ class MIDPOObjective(nn.Module):
         self.sft_weight = float(sft_weight)
         self.name = name
         self.hparams: dict[str, Any] = dict(hparams or {"beta": beta})
+        if not (prior_lr is None or prior_lr == POLICY_LR or isinstance(prior_lr, (int, float))):
+            raise ValueError(f"prior_lr: expected a number or {POLICY_LR!r}, got {prior_lr!r}")
+        if prior_weight_decay < 0:
+            raise ValueError(f"prior_weight_decay: expected >= 0, got {prior_weight_decay!r}")
         self.prior_lr = prior_lr
+        self.prior_weight_decay = float(prior_weight_decay)
         self.compute_dtype = compute_dtype
         self.validate = validate
 
@@ -153,17 +163,28 @@ class MIDPOObjective(nn.Module):
         return summary
 
     def parameter_groups(
-        self, lr: float | None = None, weight_decay: float = 0.0
+        self, lr: float | None = None, weight_decay: float | None = None
     ) -> list[dict[str, Any]]:
-        """Optimizer parameter groups for the prior (empty if nothing is learnable)."""
-        params = [p for p in self.parameters() if p.requires_grad]
-        if not params:
-            return []
+        """Optimizer parameter groups for the prior (empty if nothing is learnable): weight decay
+        (default ``prior_weight_decay``) on matrices only, as transformers' Trainer decays (no
+        biases, no norms); the rate ``lr``, else ``prior_lr`` when it is a number (else the
+        optimizer's default: the policy's, in the policy's optimizer)."""
+        decay = self.prior_weight_decay if weight_decay is None else weight_decay
         group_lr = lr if lr is not None else self.prior_lr
-        group: dict[str, Any] = {"params": params, "weight_decay": weight_decay}
-        if group_lr is not None:
-            group["lr"] = group_lr
-        return [group]
+        groups: list[dict[str, Any]] = []
+        for is_matrix in (True, False):
+            # ZeRO-3 leaves a partitioned parameter's shape in ds_shape ([0] in shape).
+            params = [
+                p
+                for p in self.parameters()
+                if p.requires_grad and (len(getattr(p, "ds_shape", p.shape)) >= 2) == is_matrix
+            ]
+            if params:
+                groups.append({"params": params, "weight_decay": decay if is_matrix else 0.0})
+        if isinstance(group_lr, (int, float)):
+            for group in groups:
+                group["lr"] = float(group_lr)
+        return groups
 
     # --- the loss ---------------------------------------------------------------------------
 

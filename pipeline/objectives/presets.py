@@ -11,7 +11,7 @@ import inspect
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from .objective import MIDPOObjective
+from .objective import POLICY_LR, MIDPOObjective
 from .priors import (
     LearnableFamily,
     LengthNormalization,
@@ -188,6 +188,7 @@ def sparsepo(
     mask_dropout: float = 0.01,
     l1_norm_param_u: float = 0.0,
     l1_norm_param_d: float = 0.0,
+    mask_weight_decay: float = 0.01,
     prior_lr: float | None = None,
 ) -> MIDPOObjective:
     """SparsePO: token masks on the log-ratio reward and on the token KL (TDPO1-like).
@@ -196,7 +197,9 @@ def sparsepo(
     and chosen/rejected_ref_hidden), "activations" (from reference hidden states, no parameters)
     or "given" (chosen/rejected_weights). num_layers: how many of the reference's last layers feed
     the learned head; the reference code's default mask model ("simple_all") reads all of them,
-    which the train stage passes. rw_kl_independent: separate reward and KL masks.
+    which the train stage passes. rw_kl_independent: separate reward and KL masks. The mask
+    heads train as in the reference trainer: in the policy's optimizer at its learning rate
+    (``prior_lr`` None; a number sets another), with ``mask_weight_decay`` on their matrices.
     """
     hp = _hparams(locals())
     masks = SparseTokenMasks(
@@ -215,7 +218,8 @@ def sparsepo(
         [ReferencePrior(), masks],
         name="sparsepo",
         hparams=hp,
-        prior_lr=prior_lr,
+        prior_lr=POLICY_LR if prior_lr is None else prior_lr,
+        prior_weight_decay=mask_weight_decay,
     )
 
 

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from pipeline import distributed
 from pipeline.config import TrainConfig
-from pipeline.objectives import MIDPOObjective
+from pipeline.objectives import POLICY_LR, MIDPOObjective
 from pipeline.training.batching import MicroBatch
 from pipeline.training.ds_config import frozen_engine_config
 from pipeline.training.modules import (
@@ -58,10 +58,13 @@ def lr_lambda(kind: str, total_steps: int, warmup_steps: int) -> Callable[[int],
     return fn
 
 
-def prior_learning_rate(train: TrainConfig) -> float:
-    """The prior group's LR: the objective's own ``prior_lr`` if given, else the run config's."""
+def prior_learning_rate(train: TrainConfig, objective: MIDPOObjective) -> float:
+    """The prior groups' LR: ``objective_args.prior_lr`` if given; the policy's for an objective
+    whose parts train with the policy (SparsePO's mask heads); else train.prior_learning_rate."""
     given = train.objective_args.get("prior_lr")
-    return float(given) if given is not None else train.prior_learning_rate
+    if given is not None:
+        return float(given)
+    return train.learning_rate if objective.prior_lr == POLICY_LR else train.prior_learning_rate
 
 
 def model_parameter_groups(
@@ -90,7 +93,7 @@ def policy_parameter_groups(
     model = model_parameter_groups(
         module, train.learning_rate, train.weight_decay, exclude=objective
     )
-    prior = objective.parameter_groups(lr=prior_learning_rate(train), weight_decay=0.0)
+    prior = objective.parameter_groups(lr=prior_learning_rate(train, objective))
     return model + [{**group, "name": "prior"} for group in prior]
 
 
