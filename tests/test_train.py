@@ -744,6 +744,16 @@ def test_bf16_optimizer_resumes_exactly(sweep: dict[str, Any]) -> None:
             assert a[key] == b[key], (a["step"], key)
 
 
+def test_dropout_draws_repeat_after_a_resume(sweep: dict[str, Any]) -> None:
+    """SparsePO's mask heads with dropout 0.5: the resumed steps 3 and 4 draw the same dropout
+    masks as the uninterrupted run's (seeded per step, not from the process's history)."""
+    check = sweep["dropout_resume"]
+    assert check["resumed_from"] == 2
+    for a, b in zip(check["resumed"], check["whole"][2:], strict=True):
+        for key in ("loss", "grad_norm"):
+            assert a[key] == b[key], (a["step"], key)
+
+
 def test_gradient_accumulation_invariance(sweep: dict[str, Any]) -> None:
     a = sweep["variants"]["batch1_accum4"]["history"]
     b = sweep["variants"]["batch4_accum1"]["history"]
@@ -950,6 +960,8 @@ def _sweep_worker(root: str, cache: str, name: str, out: str) -> None:
     for variant, changes in variants.items():
         report["variants"][variant] = train(**changes)
     report["bf16_zero1_resume"] = _resume_check(cfg, store, ranks, variants["dpo_bf16_zero1"])
+    sparse = {"objective": "sparsepo", "objective_args": {"mask_dropout": 0.5}}
+    report["dropout_resume"] = _resume_check(cfg, store, ranks, sparse)
     report["host_reads"] = {
         name: _host_reads(cfg, store, ranks, precision="bf16", ds_config=f"ds_configs/{name}.json")
         for name in ("zero0", "zero1")

@@ -1,8 +1,8 @@
-"""Checkpoints: engine states + data position + RNG, whole or not at all; resume from them.
+"""Checkpoints: engine states + data position, whole or not at all; resume from them.
 
 A checkpoint ``stepN`` is the policy engine's DeepSpeed checkpoint (model, optimizer, scheduler)
-with the data position, the marginal prior engine's under ``marginal_prior/stepN``, and each
-rank's RNG state. Its marker ``complete.json`` (every file's size and sha256, hashed by the ranks
+with the data position and the marginal prior engine's under ``marginal_prior/stepN``; no RNG
+state: each step seeds its own draws (``trainer.step_seed``, on CPU and GPU alike). Its marker ``complete.json`` (every file's size and sha256, hashed by the ranks
 in parallel) is written last: resume trusts only a checkpoint whose files match their marker, sets
 a damaged one aside as ``corrupt-stepN`` and falls back to the one before.
 """
@@ -12,13 +12,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import random
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-
-import numpy as np
-import torch
 
 from pipeline import distributed
 from pipeline.config import config_hash
@@ -89,7 +85,6 @@ class Checkpoints:
             engines.marginal.save_checkpoint(
                 str(root / "marginal_prior"), tag=tag, save_latest=False
             )
-        torch.save(_rng_state(), root / tag / f"rng_rank{ranks.rank}.pt")
         distributed.barrier()  # every rank's shards are on disk before they are hashed
         mine = _checkpoint_files(root, tag)[ranks.rank :: ranks.world_size]
         digests: dict[str, Any] = {}
@@ -146,9 +141,6 @@ class Checkpoints:
             )
         if engines.marginal is not None:
             engines.marginal.load_checkpoint(str(root / "marginal_prior"), tag=tag)
-        rng_file = root / tag / f"rng_rank{self.ranks.rank}.pt"
-        if rng_file.is_file():
-            _set_rng_state(torch.load(rng_file, weights_only=False))
         step = int(state["step"])
         if state.get("data_position") != self.plan.data_position(step):
             raise TrainingError(
@@ -210,20 +202,3 @@ def _digest_problem(root: Path, name: str, recorded: dict[str, Any]) -> str | No
     if _file_digest(path)["sha256"] != recorded["sha256"]:
         return f"{name} does not match its sha256"
     return None
-
-
-# -- RNG state -----------------------------------------------------------------------------------
-
-
-def _rng_state() -> dict[str, Any]:
-    return {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-        "torch": torch.get_rng_state(),
-    }
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])

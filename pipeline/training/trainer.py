@@ -2,8 +2,10 @@
 
 Every loss is a mean over the real pairs of the optimizer step (so batch 1 x accumulation 4 equals
 4 x 1); metrics are means over the global batch (``global_means``: one all-reduce a step). A
-non-finite loss stops every rank before the step is applied (``non_finite_error``). The engines,
-the checkpoints and the export are their own pieces (``engines``, ``checkpoints``, ``export``).
+non-finite loss stops every rank before the step is applied (``non_finite_error``). Random draws
+in a step (dropout, e.g. SparsePO's mask heads) come from (train.seed, step, rank) alone
+(``step_seed``), so a resumed run draws what the uninterrupted one did. The engines, the
+checkpoints and the export are their own pieces (``engines``, ``checkpoints``, ``export``).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import math
 import time
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -130,6 +133,7 @@ class Trainer:
         global_batch = self._epoch_order(epoch)[index]
         accum, world = t.gradient_accumulation_steps, self.ranks.world_size
         micro = split_global_batch(global_batch, self.lengths, world, accum, self.ranks.rank)
+        torch.manual_seed(step_seed(t.seed, step, self.ranks.rank))
         t0 = time.time()
         lrs = engines.learning_rates()  # the rates this step uses
         sums, tokens = self._policy_step(step, micro, global_batch)
@@ -266,6 +270,12 @@ class Trainer:
                 f"per token in float32 (limit {limit}); this attention "
                 "ignores custom 4D masks. Set train.attention=sdpa or train.layout=padded"
             )
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """The torch seed of optimizer step ``step`` on ``rank``: well mixed, and the same in an
+    uninterrupted run and in one resumed before that step."""
+    return int(np.random.SeedSequence([seed, step, rank]).generate_state(1, np.uint64)[0] >> 1)
 
 
 def separate(batch: MicroBatch) -> MicroBatch:
