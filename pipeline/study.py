@@ -53,7 +53,7 @@ TRACK_TAGS = {"offline": "off", "online": "on"}
 SHARED_STAGES = {"offline": ("prepare", "score"), "online": ("prepare", "generate", "score")}
 POINT_STAGES = {"offline": ("score", "train"), "online": ("score", "train", "evaluate")}
 # The budget configs/study.yaml is sized for (measured; docs/study.md's header repeats it).
-DEFAULT_BUDGET = "about 45-60 minutes on an idle 2-core CPU machine"
+DEFAULT_BUDGET = "about 35-45 minutes on an idle 2-core CPU machine"
 
 
 @dataclass(frozen=True)
