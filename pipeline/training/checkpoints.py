@@ -2,9 +2,10 @@
 
 A checkpoint ``stepN`` is the policy engine's DeepSpeed checkpoint (model, optimizer, scheduler)
 with the data position and the marginal prior engine's under ``marginal_prior/stepN``; no RNG
-state: each step seeds its own draws (``trainer.step_seed``, on CPU and GPU alike). Its marker ``complete.json`` (every file's size and sha256, hashed by the ranks
-in parallel) is written last: resume trusts only a checkpoint whose files match their marker, sets
-a damaged one aside as ``corrupt-stepN`` and falls back to the one before.
+state: each step seeds its own draws (``trainer.step_seed``, on CPU and GPU alike). Its marker
+``complete.json`` (every file's size and sha256, hashed by the ranks in parallel) is written
+last: resume trusts only a checkpoint whose files match their marker, sets a damaged one aside as
+``corrupt-stepN`` and falls back to the one before.
 """
 
 from __future__ import annotations
