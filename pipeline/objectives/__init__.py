@@ -10,7 +10,7 @@ Pure torch (no DeepSpeed / transformers imports). See docs/objectives.md.
 
 from .batch import PairBatch, validate_batch
 from .marginal import marginal_prior_nll
-from .objective import POLICY_LR, MIDPOObjective, ObjectiveOutput
+from .objective import POLICY_LR, MIDPOObjective, ObjectiveOutput, split_for_weight_decay
 from .presets import (
     OBJECTIVES,
     available_objectives,
@@ -86,5 +86,6 @@ __all__ = [
     "sequence_logps",
     "token_stats",
     "transform_scores",
+    "split_for_weight_decay",
     "validate_batch",
 ]

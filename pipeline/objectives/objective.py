@@ -13,7 +13,7 @@ precision. Outputs are float32 (or the inputs' dtype if wider).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,6 +42,18 @@ _REFERENCE_DISTRIBUTION_FIELDS = field_names(["kl", "reverse_kl"])
 # A ``prior_lr``: the policy's learning rate (parts trained in the policy's optimizer group, as
 # SparsePO's trainer trains its mask heads).
 POLICY_LR = "policy"
+
+
+def split_for_weight_decay(
+    params: Iterable[nn.Parameter],
+) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """(matrices, the rest): weight decay goes on matrices only, as transformers' Trainer decays
+    (no biases, no norms). ZeRO-3 leaves a partitioned parameter's shape in ``ds_shape``."""
+    matrices: list[nn.Parameter] = []
+    rest: list[nn.Parameter] = []
+    for p in params:
+        (matrices if len(getattr(p, "ds_shape", p.shape)) >= 2 else rest).append(p)
+    return matrices, rest
 
 
 class MIDPOObjective(nn.Module):
@@ -171,16 +183,12 @@ class MIDPOObjective(nn.Module):
         optimizer's default: the policy's, in the policy's optimizer)."""
         decay = self.prior_weight_decay if weight_decay is None else weight_decay
         group_lr = lr if lr is not None else self.prior_lr
-        groups: list[dict[str, Any]] = []
-        for is_matrix in (True, False):
-            # ZeRO-3 leaves a partitioned parameter's shape in ds_shape ([0] in shape).
-            params = [
-                p
-                for p in self.parameters()
-                if p.requires_grad and (len(getattr(p, "ds_shape", p.shape)) >= 2) == is_matrix
-            ]
-            if params:
-                groups.append({"params": params, "weight_decay": decay if is_matrix else 0.0})
+        matrices, rest = split_for_weight_decay(p for p in self.parameters() if p.requires_grad)
+        groups = [
+            {"params": params, "weight_decay": wd}
+            for params, wd in ((matrices, decay), (rest, 0.0))
+            if params
+        ]
         if isinstance(group_lr, (int, float)):
             for group in groups:
                 group["lr"] = float(group_lr)

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from pipeline import distributed
 from pipeline.config import TrainConfig
-from pipeline.objectives import POLICY_LR, MIDPOObjective
+from pipeline.objectives import POLICY_LR, MIDPOObjective, split_for_weight_decay
 from pipeline.training.batching import MicroBatch
 from pipeline.training.ds_config import frozen_engine_config
 from pipeline.training.modules import (
@@ -72,13 +72,9 @@ def model_parameter_groups(
 ) -> list[dict[str, Any]]:
     """The model's trainable weights: decay on matrices only; ``exclude``'s parameters left out."""
     skip = {id(p) for p in exclude.parameters()} if exclude is not None else set()
-    decay: list[nn.Parameter] = []
-    no_decay: list[nn.Parameter] = []
-    for p in model.parameters():
-        if not p.requires_grad or id(p) in skip:
-            continue
-        shape = getattr(p, "ds_shape", p.shape)  # ZeRO-3 placeholders have shape [0]
-        (decay if len(shape) >= 2 else no_decay).append(p)
+    decay, no_decay = split_for_weight_decay(
+        p for p in model.parameters() if p.requires_grad and id(p) not in skip
+    )
     groups: list[dict[str, Any]] = [
         {"params": decay, "lr": lr, "weight_decay": weight_decay, "name": "model"},
         {"params": no_decay, "lr": lr, "weight_decay": 0.0, "name": "model_no_decay"},
